@@ -1,0 +1,172 @@
+"""The `pigg` command: one entry point, subcommands mapped to plain functions.
+
+Flags for every config field are generated from the dataclasses (`--train.learning_rate`), with
+short aliases for the common ones (`--lr`, `--users`, `--lora`). Precedence: seed defaults <
+`--config FILE.yaml` < flags.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+
+from pigg import config as C
+
+ALIASES = {  # short flag -> (section, field)
+    "--model": ("model", "name_or_path"),
+    "--max-pixels": ("model", "max_pixels"),
+    "--data-root": ("data", "data_root"),
+    "--image-root": ("data", "image_root"),
+    "--users": ("data", "users"),
+    "--max-length": ("data", "max_length"),
+    "--output-dir": ("train", "output_dir"),
+    "--lr": ("train", "learning_rate"),
+    "--epochs": ("train", "epochs"),
+    "--max-steps": ("train", "max_steps"),
+    "--batch-size": ("train", "batch_size"),
+    "--grad-accum": ("train", "grad_accum"),
+    "--save-steps": ("train", "save_steps"),
+    "--workers": ("train", "dataloader_workers"),
+    "--seed": ("train", "seed"),
+}
+SWITCHES = {  # flag -> (section, field, value)
+    "--lora": ("train", "method", "lora"),
+    "--full": ("train", "method", "full"),
+    "--resume": ("train", "resume", True),
+    "--trust-pickle": ("data", "trust_pickle", True),
+    "--skip-missing-users": ("data", "skip_missing_users", True),
+}
+
+
+def _parse_value(kind, text):
+    if kind in (bool, "bool"):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if kind in (int, float, str):
+        return kind(text)
+    if "list" in str(kind):
+        return [x for x in text.split(",") if x]
+    if "int" in str(kind):
+        return None if text.lower() == "none" else int(text)
+    return None if text.lower() == "none" else text
+
+
+def add_config_flags(parser, sections=("model", "lora", "data", "train")) -> None:
+    parser.add_argument("--config", help="YAML file with {model, lora, data, train} sections.")
+    for section in sections:
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(C.SECTIONS[section]):
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=None, metavar="V",
+                               type=lambda text, k=f.type: _parse_value(k, text), help=f.metadata.get("help"))
+    for flag, (section, name) in ALIASES.items():
+        if section in sections:
+            parser.add_argument(flag, dest=f"{section}.{name}", default=None, metavar="V", type=type(
+                getattr(C.SECTIONS[section](), name) or ""), help=f"same as --{section}.{name}")
+    for flag, (section, name, value) in SWITCHES.items():
+        if section in sections:
+            parser.add_argument(flag, dest=f"{section}.{name}", action="store_const", const=value,
+                                default=None, help=f"set {section}.{name} = {value}")
+
+
+def config_from_args(args) -> C.RunConfig:
+    cfg = C.load_yaml(args.config) if getattr(args, "config", None) else C.RunConfig()
+    flags = {}
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            flags.setdefault(section, {})[name] = value
+    return C.from_dict(flags, cfg, source="command line")
+
+
+def cmd_train(args) -> None:
+    from pigg.train import train
+
+    train(config_from_args(args))
+
+
+def cmd_data_validate(args) -> None:
+    from pigg.data import load_samples
+
+    cfg = config_from_args(args)
+    load_samples(cfg.data)
+    print("data OK")
+
+
+def cmd_data_stats(args) -> None:
+    from pigg.stats import print_stats
+
+    print_stats(config_from_args(args))
+
+
+def cmd_data_synth(args) -> None:
+    from pigg.synth import synthesize
+
+    paths = synthesize(args.out, args.users, samples_per_user=args.samples_per_user, seed=args.seed,
+                       width=args.width, height=args.height)
+    print(f"wrote {len(paths)} user files to {args.out}")
+
+
+def cmd_make_tiny(args) -> None:
+    from pigg.tiny import make_tiny_checkpoint
+
+    print(f"tiny Qwen3-VL written to {make_tiny_checkpoint(args.out, seed=args.seed)}")
+
+
+def cmd_demo(args) -> None:
+    from pigg.demo import run_demo
+
+    run_demo(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pigg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="global fine-tuning (LoRA or full) on pooled users")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="validate, summarise or synthesise user data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("validate", help="check every selected sample, as training would, without a model")
+    add_config_flags(p, ("data",))
+    p.set_defaults(func=cmd_data_validate)
+    p = dsub.add_parser("stats", help="per-user summary: samples, image sizes, image and text tokens")
+    add_config_flags(p, ("model", "data"))
+    p.set_defaults(func=cmd_data_stats)
+    p = dsub.add_parser("synth", help="write synthetic users (PIGG-format pickles and PNG screenshots)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=20, help="number of users (ids 1..N)")
+    p.add_argument("--samples-per-user", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=360)
+    p.add_argument("--height", type=int, default=800)
+    p.set_defaults(func=cmd_data_synth)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random Qwen3-VL with the real tokenizer")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("demo", help="offline demo: synthetic users, tiny model, global fine-tuning on CPU")
+    p.add_argument("--out", default="pigg_demo", help="folder for the demo's data, model and outputs")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from pigg.data import DataError
+
+    try:
+        args.func(args)
+    except (C.ConfigError, DataError, FileExistsError) as e:
+        print(f"pigg: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

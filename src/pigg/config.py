@@ -1,0 +1,160 @@
+"""Typed run configuration: dataclasses whose defaults are the seed system's, YAML and CLI on top.
+
+Every field's `help` becomes the CLI help text. `validate()` collects every problem and raises once.
+A run writes its resolved configuration next to its weights (`pigg_config.yaml`).
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SEED_MAX_PIXELS = 1280 * 28 * 28
+LLM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def opt(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("Qwen/Qwen3-VL-8B-Instruct", "Hub id or local folder of the base model and processor.")
+    dtype: str = opt("auto", "Weights dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32.")
+    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, flash_attention_2.")
+    min_pixels: int | None = opt(None, "Smallest image area in pixels after resizing (None: the processor's).")
+    max_pixels: int = opt(SEED_MAX_PIXELS, "Largest image area in pixels after resizing (seed: 1280*28*28).")
+
+
+@dataclass
+class LoraSettings:
+    r: int = opt(8, "LoRA rank.")
+    alpha: int = opt(32, "LoRA alpha (scale = alpha / r).")
+    dropout: float = opt(0.1, "Dropout on the LoRA input.")
+    bias: str = opt("none", "Which biases to train: none, all, lora_only.")
+    target_modules: list[str] = opt(LLM_LINEARS, "Linear layers of the language model that get adapters.")
+
+
+@dataclass
+class DataConfig:
+    data_root: str = opt("data", "Folder with one user_{id}.pkl (or .jsonl) per user.")
+    image_root: str | None = opt(None, "Folder that relative image paths resolve against (default: data_root).")
+    users: str = opt("11-83", "Users to train on: '11-83', '1,3,5-7'.")
+    skip_missing_users: bool = opt(False, "Skip users in the range that have no file (listed loudly) instead of failing.")
+    trust_pickle: bool = opt(False, "Load pickles with the full unpickler (only for files you trust: it can run code).")
+    max_length: int = opt(8192, "Longest sample in tokens (image tokens included); longer samples are an error.")
+    validation_workers: int = opt(8, "Processes that decode images during validation.")
+
+
+@dataclass
+class TrainConfig:
+    method: str = opt("lora", "lora or full (the whole language model; vision and projector stay frozen).")
+    output_dir: str = opt(".", "Folder that receives global_agent_lora/ or global_agent_full/.")
+    learning_rate: float = opt(1e-6, "Peak learning rate (seed: 1e-6; peers use 1e-4 for LoRA).")
+    epochs: float = opt(1.0, "Passes over the training data.")
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run the epochs).")
+    batch_size: int = opt(1, "Samples per device per micro-batch.")
+    grad_accum: int = opt(8, "Micro-batches per optimizer step.")
+    warmup_steps: int = opt(50, "Linear warm-up steps.")
+    lr_scheduler: str = opt("linear", "Learning-rate schedule after warm-up (transformers' names).")
+    weight_decay: float = opt(0.01, "AdamW weight decay.")
+    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass to save memory.")
+    save_steps: int = opt(500, "Save a resumable checkpoint every this many optimizer steps.")
+    save_total_limit: int = opt(3, "Checkpoints to keep.")
+    logging_steps: int = opt(10, "Log loss, learning rate and supervised tokens every this many steps.")
+    dataloader_workers: int = opt(4, "Processes that decode images and tokenize (0: in the main process).")
+    seed: int = opt(42, "Random seed (data order, dropout, initialisation of adapters).")
+    log_dir: str = opt("logs", "Folder for the run's text log.")
+    resume: bool = opt(False, "Continue from the newest complete checkpoint in the output folder.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, base: RunConfig | None = None, source: str = "config") -> RunConfig:
+    """Overlay a nested dict ({section: {field: value}}) on `base`; unknown keys are errors."""
+    cfg = base or RunConfig()
+    problems = []
+    for section, values in (data or {}).items():
+        if section not in SECTIONS:
+            problems.append(f"{source}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
+            continue
+        names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key, value in (values or {}).items():
+            if key not in names:
+                problems.append(f"{source}: unknown field '{section}.{key}'")
+            else:
+                setattr(getattr(cfg, section), key, value)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg
+
+
+def load_yaml(path, base: RunConfig | None = None) -> RunConfig:
+    with open(path) as f:
+        return from_dict(yaml.safe_load(f) or {}, base, source=str(path))
+
+
+def save_yaml(cfg: RunConfig, path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every field; raise one ConfigError listing all problems."""
+    p = []
+    t, d, m, lo = cfg.train, cfg.data, cfg.model, cfg.lora
+    if t.method not in ("lora", "full"):
+        p.append(f"train.method must be 'lora' or 'full', got {t.method!r}")
+    for name in ("batch_size", "grad_accum", "save_steps", "save_total_limit", "logging_steps"):
+        if getattr(t, name) < 1:
+            p.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if not t.learning_rate > 0:
+        p.append(f"train.learning_rate must be > 0, got {t.learning_rate}")
+    if t.epochs <= 0 and t.max_steps <= 0:
+        p.append("train.epochs must be > 0 unless train.max_steps is set")
+    if t.warmup_steps < 0 or t.weight_decay < 0 or t.dataloader_workers < 0:
+        p.append("train.warmup_steps, train.weight_decay and train.dataloader_workers must be >= 0")
+    if m.dtype not in ("auto", "bfloat16", "float32", "float16"):
+        p.append(f"model.dtype must be auto, bfloat16, float16 or float32, got {m.dtype!r}")
+    if m.max_pixels < 32 * 32 or (m.min_pixels is not None and m.min_pixels > m.max_pixels):
+        p.append(f"model.max_pixels ({m.max_pixels}) must be >= 1024 and >= model.min_pixels ({m.min_pixels})")
+    if lo.r < 1 or lo.alpha <= 0 or not 0 <= lo.dropout < 1:
+        p.append(f"lora: need r >= 1, alpha > 0, 0 <= dropout < 1 (got r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout})")
+    bad = sorted(set(lo.target_modules) - set(LLM_LINEARS))
+    if bad or not lo.target_modules:
+        p.append(f"lora.target_modules must be a non-empty subset of {LLM_LINEARS}, got extra {bad}")
+    if lo.bias not in ("none", "all", "lora_only"):
+        p.append(f"lora.bias must be none, all or lora_only, got {lo.bias!r}")
+    if d.max_length < 64:
+        p.append(f"data.max_length must be >= 64, got {d.max_length}")
+    try:
+        from pigg.users import parse_users
+
+        parse_users(d.users)
+    except ValueError as e:
+        p.append(f"data.users: {e}")
+    if p:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
+    return cfg
+
+
+def output_folder(cfg: RunConfig) -> Path:
+    return Path(cfg.train.output_dir) / f"global_agent_{cfg.train.method}"

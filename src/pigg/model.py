@@ -1,0 +1,108 @@
+"""Model set-up in the order that keeps adapters out of the vision tower: load -> freeze -> adapt.
+
+Qwen3-VL parts: the vision tower (`model.visual`: patch_embed, pos_embed, blocks), the projector
+(`visual.merger` and `visual.deepstack_merger_list`) and the language model (`model.language_model`
+plus `lm_head`). The vision tower and projector are always frozen; the language model is trained
+fully or through LoRA on its own linear layers only.
+"""
+import re
+
+import torch
+
+from pigg.config import LoraSettings, ModelConfig
+
+PROJECTOR_PREFIXES = ("visual.merger.", "visual.deepstack_merger_list.")
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(cfg: ModelConfig, device: str):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(
+        cfg.name_or_path, dtype=pick_dtype(cfg.dtype, device), attn_implementation=cfg.attn_implementation
+    )
+    model.config.use_cache = False
+    return model
+
+
+def part_of(name: str) -> str:
+    """'vision', 'projector' or 'llm' for a parameter name (PEFT's prefixes allowed)."""
+    name = re.sub(r"^(base_model\.model\.)", "", name)
+    name = re.sub(r"^model\.", "", name)
+    if name.startswith(PROJECTOR_PREFIXES):
+        return "projector"
+    if name.startswith("visual."):
+        return "vision"
+    return "llm"
+
+
+def freeze_vision(model) -> None:
+    """Freeze the whole vision tower and projector (patch_embed, pos_embed, blocks, mergers)."""
+    for name, p in model.named_parameters():
+        if part_of(name) != "llm":
+            p.requires_grad_(False)
+
+
+def lora_target_regex(targets: list[str]) -> str:
+    # Anchored on the language model: "all-linear" would also match the vision tower's linears.
+    names = "|".join(re.escape(t) for t in targets)
+    return rf"(.*\.)?language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
+
+
+def apply_lora(model, cfg: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias,
+                      task_type="CAUSAL_LM", target_modules=lora_target_regex(cfg.target_modules))
+    model = get_peft_model(model, lora)
+    assert_no_adapter_in_vision(model)
+    return model
+
+
+def train_full_llm(model) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(part_of(name) == "llm")
+
+
+def assert_no_adapter_in_vision(model) -> None:
+    bad = [n for n, _ in model.named_parameters() if "lora_" in n and part_of(n) != "llm"]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and part_of(n) != "llm"]
+    if bad or trainable:
+        raise RuntimeError(f"vision tower or projector would train: adapters {bad[:5]}, trainable {trainable[:5]}")
+
+
+def parameter_counts(model) -> dict[str, tuple[int, int]]:
+    """{part: (trainable, total)} for vision, projector, llm and all."""
+    counts = {k: [0, 0] for k in ("vision", "projector", "llm", "all")}
+    for name, p in model.named_parameters():
+        for key in (part_of(name), "all"):
+            counts[key][1] += p.numel()
+            if p.requires_grad:
+                counts[key][0] += p.numel()
+    return {k: tuple(v) for k, v in counts.items()}
+
+
+def format_counts(counts: dict) -> str:
+    lines = [f"{'part':<10} {'trainable':>15} {'total':>15} {'%':>7}"]
+    for part, (trainable, total) in counts.items():
+        pct = 100 * trainable / total if total else 0.0
+        lines.append(f"{part:<10} {trainable:>15,} {total:>15,} {pct:>6.2f}%")
+    return "\n".join(lines)
+
+
+def prepare_model(model, method: str, lora: LoraSettings):
+    """Freeze vision and projector, then adapt the language model (LoRA or full)."""
+    freeze_vision(model)
+    if method == "lora":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = apply_lora(model, lora)
+    else:
+        train_full_llm(model)
+    assert_no_adapter_in_vision(model)
+    return model

@@ -1,0 +1,21 @@
+"""A tiny random Qwen3-VL checkpoint folder with the real tokenizer, for tests and the demo."""
+from pathlib import Path
+
+import torch
+
+from pigg.architectures import tiny_qwen3_vl_config
+from pigg.processor import make_processor, save_processor
+
+
+def make_tiny_checkpoint(path, seed: int = 0) -> Path:
+    """Write a loadable tiny Qwen3-VL (random weights, fp32) plus its processor to `path`."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(tiny_qwen3_vl_config())
+    model.generation_config.eos_token_id = [151645, 151643]
+    model.generation_config.pad_token_id = 151643
+    model.save_pretrained(path)
+    save_processor(make_processor(), path)
+    return path

@@ -1,0 +1,181 @@
+"""Global fine-tuning recipe: validate data -> load -> freeze -> adapt -> train -> save.
+
+Reads top to bottom; `train()` is the whole run. Uses Hugging Face's Trainer with the seed's
+arguments, so checkpoints, resumption, schedules and loss normalisation are the stock ones.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
+
+from pigg import config as C
+from pigg.collate import TrainCollator, sample_length
+from pigg.data import load_samples
+from pigg.logs import log_path, tee_output
+from pigg.masking import IGNORE_INDEX
+from pigg.model import format_counts, load_model, parameter_counts, prepare_model
+from pigg.processor import load_processor, save_processor
+from pigg.provenance import write_provenance
+from pigg.users import format_users
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train(cfg: C.RunConfig, callbacks=()) -> Path:
+    """Run global fine-tuning; return the output folder."""
+    C.validate(cfg)
+    with tee_output(log_path(cfg.train.log_dir, f"finetune_global_{cfg.train.method}")) as log_file:
+        print(f"pigg train: log file {log_file}")
+        return _train(cfg, list(callbacks))
+
+
+def _train(cfg, callbacks) -> Path:
+    out = C.output_folder(cfg)
+    resume_from = checkpoint_to_resume(out, cfg.train.resume)
+    print_config(cfg)
+    samples, sizes = load_samples(cfg.data)
+    processor = load_processor(cfg.model.name_or_path, cfg.model.min_pixels, cfg.model.max_pixels)
+    check_lengths(processor, samples, sizes, cfg.data.max_length)
+
+    model = load_model(cfg.model, device())
+    model = prepare_model(model, cfg.train.method, cfg.lora)
+    print(format_counts(parameter_counts(model)))
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    out.mkdir(parents=True, exist_ok=True)
+    C.save_yaml(cfg, out / "pigg_config.yaml")
+    trainer = GlobalTrainer(
+        model=model,
+        args=training_arguments(cfg, out),
+        train_dataset=samples,
+        data_collator=TrainCollator(processor, cfg.data.max_length),
+        callbacks=[TensorBoardCallback(tb_writer=tensorboard_writer(out)), *callbacks],
+    )
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    trainer.save_model(str(out))
+    save_processor(processor, out)
+    write_provenance(out / "provenance.json", base_model=cfg.model.name_or_path, method=cfg.train.method,
+                     users=format_users(sorted({s.user for s in samples})), samples=len(samples),
+                     samples_per_user=_per_user(samples), optimizer_steps=trainer.state.global_step,
+                     resumed_from=str(resume_from) if resume_from else None)
+    print(f"saved {cfg.train.method} weights, processor, pigg_config.yaml and provenance.json to {out}")
+    return out
+
+
+def print_config(cfg) -> None:
+    print(f"method: {cfg.train.method}   model: {cfg.model.name_or_path}   device: {device()}")
+    print("resolved config:\n  " + C.yaml.safe_dump(C.to_dict(cfg), sort_keys=False).replace("\n", "\n  "))
+    if cfg.train.method == "lora" and cfg.train.learning_rate <= 1e-5:
+        print(f"note: LoRA at lr {cfg.train.learning_rate:g} is the seed's value (Qwen's advice for full "
+              "fine-tuning); LoRA usually needs about 1e-4 (--lr 1e-4).")
+
+
+def check_lengths(processor, samples, sizes, max_length: int) -> None:
+    """Reject over-long samples before the model is loaded, all at once."""
+    lengths = [sample_length(processor, s, sizes)[0] for s in samples]
+    too_long = [f"{s.where}: {n} tokens" for s, n in zip(samples, lengths) if n > max_length]
+    if too_long:
+        raise ValueError(f"{len(too_long)} sample(s) exceed data.max_length={max_length} (never truncated; "
+                         "raise --max-length or lower --max-pixels):\n  " + "\n  ".join(too_long))
+    print(f"tokens per sample: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+
+
+def _per_user(samples) -> dict:
+    counts = {}
+    for s in samples:
+        counts[s.user] = counts.get(s.user, 0) + 1
+    return counts
+
+
+def checkpoint_to_resume(out: Path, resume: bool) -> Path | None:
+    """The newest complete checkpoint when resuming; refuse to overwrite one otherwise."""
+    folder = out / "checkpoints"
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if folder.is_dir() else []
+    if found and not resume:
+        raise FileExistsError(f"{folder} holds checkpoints of an earlier run: pass --resume to continue it, "
+                              "or choose another --output-dir")
+    complete = [p for p in found if _complete(p)]
+    for p in found:
+        if p not in complete:
+            print(f"WARNING: {p} is incomplete (interrupted while saving); removing it")
+            shutil.rmtree(p)
+    if resume and not complete:
+        print(f"--resume: no complete checkpoint in {folder}; starting from the beginning")
+    if complete:
+        print(f"resuming from {complete[-1]}")
+    return complete[-1] if complete else None
+
+
+def _complete(checkpoint: Path) -> bool:
+    # The Trainer writes trainer_state.json last; a checkpoint without a readable one was cut short.
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def tensorboard_writer(out: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def training_arguments(cfg, out: Path) -> TrainingArguments:
+    t = cfg.train
+    on_gpu = device() == "cuda"
+    bf16 = on_gpu and cfg.model.dtype in ("auto", "bfloat16")
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        bf16=bf16,
+        use_cpu=not on_gpu,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="no",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        dataloader_num_workers=t.dataloader_workers,
+        dataloader_pin_memory=on_gpu,
+        dataloader_persistent_workers=t.dataloader_workers > 0,
+        remove_unused_columns=False,
+        seed=t.seed,
+        data_seed=t.seed,
+    )
+
+
+class GlobalTrainer(Trainer):
+    """The stock Trainer, plus the supervised-token count of each optimizer step in its logs."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Accumulate on the device: no host sync per micro-batch.
+        count = (inputs["labels"] != IGNORE_INDEX).sum()
+        if getattr(self, "_supervised", None) is None:
+            self._supervised, self._window_start = count, self.state.global_step
+        else:
+            self._supervised = self._supervised + count
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and getattr(self, "_supervised", None) is not None:
+            steps = max(1, self.state.global_step - self._window_start)
+            logs["supervised_tokens_per_step"] = round(float(self._supervised) / steps, 1)
+            self._supervised = None
+        super().log(logs, *args, **kwargs)

@@ -80,7 +80,19 @@ def config_from_args(args) -> C.RunConfig:
     return C.from_dict(flags, cfg, source="command line")
 
 
+def single_gpu_guard(env=os.environ) -> None:
+    """Several visible GPUs without a distributed launcher would make the Trainer fall back to
+    nn.DataParallel; until pigg launches data-parallel runs itself, train on the first GPU only."""
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    if "," in visible and "WORLD_SIZE" not in env:
+        first = visible.split(",")[0]
+        print(f"WARNING: GPUs {visible} requested; pigg does not launch data-parallel training yet, "
+              f"so this run uses GPU {first} only. Launch with torchrun for DDP.")
+        env["CUDA_VISIBLE_DEVICES"] = first
+
+
 def cmd_train(args) -> None:
+    single_gpu_guard()  # before torch touches CUDA
     from pigg.train import train
 
     train(config_from_args(args))

@@ -6,7 +6,7 @@ inside an image breaks the image-token count the model checks.
 """
 import torch
 
-from pigg.data import Sample, open_image
+from pigg.data import Sample, images_of, open_image
 from pigg.masking import IGNORE_INDEX, assistant_labels, turn_tokens
 
 
@@ -23,8 +23,6 @@ def image_token_count(processor, width: int, height: int) -> int:
 
 def sample_length(processor, sample: Sample, sizes: dict) -> tuple[int, int]:
     """(total tokens, image tokens) of a training sample, without decoding its images."""
-    from pigg.data import images_of
-
     text_ids = processor.tokenizer(render(processor, sample.messages), add_special_tokens=False)["input_ids"]
     image_tokens = sum(image_token_count(processor, *sizes[ref]) for ref in images_of(sample))
     # each image is one <|image_pad|> in the rendered text and becomes `image_tokens` of them
@@ -41,8 +39,7 @@ class TrainCollator:
 
     def __call__(self, samples: list[Sample]) -> dict:
         texts = [render(self.processor, s.messages) for s in samples]
-        images = [open_image(item["image"]) for s in samples for msg in s.messages
-                  for item in msg["content"] if item["type"] == "image"]
+        images = [open_image(ref) for s in samples for ref in images_of(s)]
         batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         lengths = batch["attention_mask"].sum(1).tolist()
         for s, n in zip(samples, lengths):

@@ -26,6 +26,8 @@ class ModelConfig:
     attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, flash_attention_2.")
     min_pixels: int | None = opt(None, "Smallest image area in pixels after resizing (None: the processor's).")
     max_pixels: int = opt(SEED_MAX_PIXELS, "Largest image area in pixels after resizing (seed: 1280*28*28).")
+    random_weights: bool = opt(False, "Build the architecture from the folder's config.json with random weights "
+                                      "(benchmarks and tests only).")
 
 
 @dataclass

@@ -21,11 +21,17 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
 
 
 def load_model(cfg: ModelConfig, device: str):
-    from transformers import Qwen3VLForConditionalGeneration
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
-    model = Qwen3VLForConditionalGeneration.from_pretrained(
-        cfg.name_or_path, dtype=pick_dtype(cfg.dtype, device), attn_implementation=cfg.attn_implementation
-    )
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.random_weights:
+        config = AutoConfig.from_pretrained(cfg.name_or_path)
+        with torch.device(device):
+            model = Qwen3VLForConditionalGeneration._from_config(
+                config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    else:
+        model = Qwen3VLForConditionalGeneration.from_pretrained(
+            cfg.name_or_path, dtype=dtype, attn_implementation=cfg.attn_implementation)
     model.config.use_cache = False
     return model
 

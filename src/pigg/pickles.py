@@ -10,8 +10,8 @@ import pickle
 ALLOWED_GLOBALS = {
     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"),
     ("builtins", "complex"), ("collections", "OrderedDict"),
-    # protocol-2 pickles of bytes go through codecs.encode
-    ("codecs", "encode"),
+    # pickles of protocol 0-2 name bytes through _codecs.encode
+    ("_codecs", "encode"),
 }
 
 
@@ -25,7 +25,8 @@ class AllowListUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module, name):
-        if (module, name) in ALLOWED_GLOBALS:
+        # protocol 0-2 pickles written by Python 2 or with fix_imports say __builtin__
+        if (module.replace("__builtin__", "builtins"), name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
         raise UnsafePickleError(
             f"{self.source}: refused to load '{module}.{name}': user pickles may hold only lists, dicts, "

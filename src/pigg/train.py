@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from pigg import config as C
@@ -42,6 +42,7 @@ def _train(cfg, callbacks) -> Path:
     processor = load_processor(cfg.model.name_or_path, cfg.model.min_pixels, cfg.model.max_pixels)
     check_lengths(processor, samples, sizes, cfg.data.max_length)
 
+    set_seed(cfg.train.seed)  # adapters are initialised before the Trainer would seed anything
     model = load_model(cfg.model, device())
     model = prepare_model(model, cfg.train.method, cfg.lora)
     print(format_counts(parameter_counts(model)))

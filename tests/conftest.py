@@ -1,0 +1,44 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from pigg.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_dir):
+    from pigg.processor import load_processor
+
+    return load_processor(str(tiny_dir), max_pixels=200 * 400)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    from pigg.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, 3, samples_per_user=8, seed=0, width=180, height=400)
+    return root
+
+
+def tiny_run_config(tiny_dir, data_root, out, **train):
+    """A fast, deterministic CPU run of the tiny model."""
+    from pigg import config as C
+
+    cfg = C.RunConfig()
+    cfg.model.name_or_path, cfg.model.max_pixels = str(tiny_dir), 200 * 400
+    cfg.data.data_root, cfg.data.users, cfg.data.validation_workers = str(data_root), "1-3", 1
+    t = cfg.train
+    t.output_dir, t.log_dir = str(out), str(out / "logs")
+    t.learning_rate, t.warmup_steps, t.grad_accum, t.max_steps = 1e-2, 0, 2, 4
+    t.gradient_checkpointing, t.dataloader_workers, t.save_steps, t.logging_steps = False, 0, 2, 1
+    for key, value in train.items():
+        setattr(t, key, value)
+    return cfg

@@ -1,0 +1,47 @@
+import pytest
+import torch
+from transformers import Qwen3VLForConditionalGeneration
+
+from pigg.architectures import qwen3_vl_8b_config
+from pigg.config import LoraSettings
+from pigg.model import parameter_counts, part_of, prepare_model
+
+
+@pytest.mark.parametrize("method, trainable", [("lora", 21_823_488), ("full", 8_190_735_360)])
+def test_trainable_counts_on_the_real_8b_architecture(method, trainable):
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(qwen3_vl_8b_config())
+    counts = parameter_counts(prepare_model(model, method, LoraSettings()))
+    assert counts["all"][0] == counts["llm"][0] == trainable
+    assert counts["vision"][0] == counts["projector"][0] == 0
+    base_total = 8_767_123_696
+    assert counts["all"][1] == base_total + (trainable if method == "lora" else 0)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_vision_and_projector_are_frozen_and_adapter_free(tiny_dir, method):
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir)
+    model = prepare_model(model, method, LoraSettings())
+    names = dict(model.named_parameters())
+    visual = {n: p for n, p in names.items() if ".visual." in n or n.startswith("model.visual.")}
+    assert any("pos_embed" in n for n in visual) and any("deepstack_merger_list" in n for n in visual)
+    assert any("patch_embed" in n for n in visual) and any(".merger." in n for n in visual)
+    assert not any(p.requires_grad for p in visual.values())
+    assert not any("lora_" in n for n in visual)
+    if method == "lora":
+        lora = [n for n in names if "lora_" in n]
+        assert len(lora) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
+        assert all(names[n].requires_grad for n in lora)
+        assert not any(p.requires_grad for n, p in names.items() if "lora_" not in n)
+    else:
+        llm = [p for n, p in names.items() if part_of(n) == "llm"]
+        assert all(p.requires_grad for p in llm)
+
+
+def test_parts():
+    assert part_of("model.visual.pos_embed.weight") == "vision"
+    assert part_of("base_model.model.model.visual.blocks.0.attn.qkv.weight") == "vision"
+    assert part_of("model.visual.merger.linear_fc1.weight") == "projector"
+    assert part_of("model.visual.deepstack_merger_list.0.norm.weight") == "projector"
+    assert part_of("lm_head.weight") == "llm"
+    assert part_of("model.language_model.layers.0.mlp.up_proj.weight") == "llm"

@@ -1,0 +1,125 @@
+"""End-to-end global fine-tuning of the tiny model on CPU: weights, files, resume after kill -9."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen3VLForConditionalGeneration
+
+from conftest import tiny_run_config
+from pigg import config as C
+from pigg.train import train
+
+LORA_FILES = {
+    "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "checkpoints",
+    "pigg_config.yaml", "processor_config.json", "provenance.json", "tensorboard", "tokenizer.json",
+    "tokenizer_config.json", "training_args.bin",
+}
+FULL_FILES = LORA_FILES - {"README.md", "adapter_config.json", "adapter_model.safetensors"} | {
+    "config.json", "generation_config.json", "model.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_dir, synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    return train(tiny_run_config(tiny_dir, synth_root, out)), out
+
+
+def test_lora_output_folder_is_exact(lora_run):
+    folder, out = lora_run
+    assert folder == out / "global_agent_lora"
+    assert {p.name for p in folder.iterdir()} == LORA_FILES
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (folder / "tensorboard").iterdir())
+    logs = list((out / "logs").glob("finetune_global_lora_*.log"))
+    assert len(logs) == 1 and "supervised_tokens_per_step" in logs[0].read_text()
+
+
+def test_lora_changes_adapters_only_and_loads_with_stock_peft(lora_run, tiny_dir):
+    from peft import PeftModel
+
+    folder, _ = lora_run
+    adapter = load_file(folder / "adapter_model.safetensors")
+    assert adapter and all(".language_model." in k for k in adapter)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0
+
+    base = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, folder)
+    merged = model.merge_and_unload().state_dict()
+    changed = {k for k, v in merged.items() if not torch.equal(v, reference[k])}
+    assert changed and all(".language_model.layers." in k for k in changed)
+    assert not any(".visual." in k for k in changed)
+
+
+def test_config_and_provenance_are_written(lora_run, synth_root):
+    import json
+
+    folder, _ = lora_run
+    cfg = C.load_yaml(folder / "pigg_config.yaml")
+    assert cfg.train.method == "lora" and cfg.data.data_root == str(synth_root)
+    prov = json.loads((folder / "provenance.json").read_text())
+    assert prov["users"] == "1-3" and prov["optimizer_steps"] == 4 and prov["packages"]["transformers"]
+    assert sum(prov["samples_per_user"].values()) == prov["samples"]
+
+
+def test_existing_checkpoints_are_not_overwritten_without_resume(lora_run, tiny_dir, synth_root):
+    _, out = lora_run
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(tiny_run_config(tiny_dir, synth_root, out))
+
+
+def test_full_fine_tuning_trains_the_llm_and_keeps_vision(tiny_dir, synth_root, tmp_path):
+    folder = train(tiny_run_config(tiny_dir, synth_root, tmp_path, method="full", max_steps=2))
+    assert {p.name for p in folder.iterdir()} == FULL_FILES
+    before = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir).state_dict()
+    after = Qwen3VLForConditionalGeneration.from_pretrained(folder).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("language_model.layers" in k for k in changed) and "lm_head.weight" in changed
+    assert not any(".visual." in k for k in changed)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from pigg import config as C
+    from pigg.train import train
+
+    class KillAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == int(sys.argv[2]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = C.load_yaml(sys.argv[1])
+    train(cfg, callbacks=[KillAt()] if len(sys.argv) > 2 else [])
+""")
+
+
+def test_resume_after_kill_gives_the_same_weights(tiny_dir, synth_root, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(KILLER)
+
+    def run(name, *extra, resume=False):
+        cfg = tiny_run_config(tiny_dir, synth_root, tmp_path / name, max_steps=6, resume=resume)
+        C.save_yaml(cfg, tmp_path / f"{name}.yaml")
+        return subprocess.run([sys.executable, str(script), str(tmp_path / f"{name}.yaml"), *extra],
+                              capture_output=True, text=True, timeout=600)
+
+    straight = run("straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run("killed", "5")  # after checkpoint-4, before checkpoint-6
+    assert killed.returncode == -9
+    ckpts = tmp_path / "killed" / "global_agent_lora" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    resumed = run("killed", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "checkpoint-4" in resumed.stdout
+
+    a = load_file(tmp_path / "straight" / "global_agent_lora" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "global_agent_lora" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)

@@ -15,7 +15,7 @@ from pigg.train import train
 LORA_FILES = {
     "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "checkpoints",
     "pigg_config.yaml", "processor_config.json", "provenance.json", "tensorboard", "tokenizer.json",
-    "tokenizer_config.json", "training_args.bin",
+    "tokenizer_config.json", "training_args.bin", "video_preprocessor_config.json",
 }
 FULL_FILES = LORA_FILES - {"README.md", "adapter_config.json", "adapter_model.safetensors"} | {
     "config.json", "generation_config.json", "model.safetensors"}
@@ -24,7 +24,7 @@ FULL_FILES = LORA_FILES - {"README.md", "adapter_config.json", "adapter_model.sa
 @pytest.fixture(scope="module")
 def lora_run(tiny_dir, synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
-    return train(tiny_run_config(tiny_dir, synth_root, out)), out
+    return train(tiny_run_config(tiny_dir, synth_root, out, gradient_checkpointing=True)), out
 
 
 def test_lora_output_folder_is_exact(lora_run):

@@ -44,10 +44,10 @@ class Problem:
 
 
 class DataError(ValueError):
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], hint: str = ""):
         self.problems = problems
         lines = "\n  ".join(str(p) for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in the data:\n  {lines}")
+        super().__init__(f"{len(problems)} problem(s) in the data:\n  {lines}" + (f"\n{hint}" if hint else ""))
 
 
 def user_file(data_root, user: int) -> Path | None:
@@ -65,7 +65,8 @@ def find_user_files(data_root, users, skip_missing: bool = False, log=print) -> 
     files = {u: user_file(data_root, u) for u in parse_users(users)}
     missing = [u for u, p in files.items() if p is None]
     if missing and not skip_missing:
-        raise DataError([Problem(str(data_root), None, "", f"no user_{u}.pkl or user_{u}.jsonl") for u in missing])
+        raise DataError([Problem(str(data_root), None, "", f"no user_{u}.pkl or user_{u}.jsonl") for u in missing],
+                        hint="Pass --skip-missing-users to train on the users that have files.")
     if missing:
         log(f"WARNING: skipping {len(missing)} user(s) with no file in {data_root}: {format_users(missing)}")
     found = {u: p for u, p in files.items() if p is not None}

@@ -99,6 +99,12 @@ def save_processor(processor, path) -> None:
     import json
 
     processor.save_pretrained(path)
+    if getattr(processor, "video_processor", None) is None:
+        # Stock Qwen3VLProcessor insists on a video processor config; Qwen3-VL's own settings.
+        video = dict(video_processor_type="Qwen3VLVideoProcessor", patch_size=16, temporal_patch_size=2,
+                     merge_size=2, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], fps=2,
+                     size={"shortest_edge": 4096, "longest_edge": 25165824})
+        (Path(path) / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2) + "\n")
     for name in ("processor_config.json", "tokenizer_config.json"):
         file = Path(path) / name
         if file.is_file():

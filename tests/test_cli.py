@@ -1,0 +1,92 @@
+import pytest
+
+from pigg import config as C
+from pigg.cli import build_parser, config_from_args, main, single_gpu_guard
+from pigg.seed_cli import translate_finetune_global
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    (["0", "--lora"], "0", ["train", "--lora"]),
+    (["0,1"], "0,1", ["train", "--full"]),
+    (["2", "--lora", "--u", "11", "50"], "2", ["train", "--lora", "--users", "11-50"]),
+    (["0", "--u", "1", "3", "9", "--data-root", "/d"], "0", ["train", "--full", "--users", "1,3,9", "--data-root", "/d"]),
+])
+def test_seed_shim_translates_its_arguments(argv, env, expected):
+    assert translate_finetune_global(argv) == ({"CUDA_VISIBLE_DEVICES": env}, expected)
+
+
+def test_seed_shim_rejects_a_bad_gpu_list():
+    with pytest.raises(SystemExit):
+        translate_finetune_global(["gpu0"])
+
+
+def test_defaults_are_the_seeds():
+    cfg = config_from_args(build_parser().parse_args(["train"]))
+    assert (cfg.train.learning_rate, cfg.train.epochs, cfg.train.batch_size, cfg.train.grad_accum) == (1e-6, 1.0, 1, 8)
+    assert (cfg.train.warmup_steps, cfg.train.weight_decay, cfg.train.save_steps, cfg.train.save_total_limit) == (50, 0.01, 500, 3)
+    assert cfg.train.gradient_checkpointing and cfg.data.users == "11-83"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.bias) == (8, 32, 0.1, "none")
+    assert cfg.model.name_or_path == "Qwen/Qwen3-VL-8B-Instruct" and cfg.model.max_pixels == 1280 * 28 * 28
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  learning_rate: 1.0e-4\n  grad_accum: 4\nlora:\n  r: 16\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--grad-accum", "2", "--full",
+                                      "--lora.target_modules", "q_proj,v_proj", "--model.min_pixels", "4096"])
+    cfg = config_from_args(args)
+    assert (cfg.train.learning_rate, cfg.train.grad_accum, cfg.lora.r, cfg.train.method) == (1e-4, 2, 16, "full")
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.model.min_pixels == 4096
+
+
+def test_unknown_yaml_keys_are_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learning_rat: 1\noptim: {}\n")
+    with pytest.raises(C.ConfigError) as err:
+        C.load_yaml(path)
+    assert "unknown field 'train.learning_rat'" in str(err.value) and "unknown section 'optim'" in str(err.value)
+
+
+def test_validation_lists_every_problem():
+    cfg = C.RunConfig()
+    cfg.train.method, cfg.train.grad_accum, cfg.lora.target_modules, cfg.data.users = "qlora", 0, ["conv"], "9-1"
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg)
+    text = str(err.value)
+    for expected in ("train.method", "train.grad_accum", "lora.target_modules", "data.users"):
+        assert expected in text
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = C.RunConfig()
+    cfg.train.learning_rate, cfg.data.users = 3e-5, "1,4"
+    C.save_yaml(cfg, tmp_path / "c.yaml")
+    assert C.load_yaml(tmp_path / "c.yaml") == cfg
+
+
+def test_several_gpus_fall_back_to_the_first():
+    env = {"CUDA_VISIBLE_DEVICES": "2,3"}
+    single_gpu_guard(env)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2"
+
+
+def test_data_commands(synth_root, tiny_dir, tmp_path, capsys):
+    assert main(["data", "validate", "--data-root", str(synth_root), "--users", "1-3"]) == 0
+    assert main(["data", "validate", "--data-root", str(synth_root), "--users", "1-5"]) == 2
+    assert "no user_4.pkl" in capsys.readouterr().err
+    assert main(["data", "stats", "--data-root", str(synth_root), "--users", "1-3", "--model", str(tiny_dir),
+                 "--max-pixels", "80000"]) == 0
+    out = capsys.readouterr().out
+    assert "user_1.pkl" in out and "180x400" in out
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--users", "2", "--samples-per-user", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.pkl")) == ["user_1.pkl", "user_2.pkl"]
+
+
+def test_train_command_end_to_end(synth_root, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", "--model", str(tiny_dir), "--data-root", str(synth_root), "--users", "1-2", "--lora",
+               "--output-dir", str(tmp_path), "--max-steps", "1", "--workers", "0", "--max-pixels", "80000",
+               "--train.gradient_checkpointing", "false", "--data.validation_workers", "1"])
+    assert rc == 0
+    assert (tmp_path / "global_agent_lora" / "adapter_model.safetensors").is_file()
+    assert len(list((tmp_path / "logs").glob("finetune_global_lora_*.log"))) == 1

@@ -11,23 +11,30 @@ import sys
 
 from pigg import config as C
 
-ALIASES = {  # short flag -> (section, field)
-    "--model": ("model", "name_or_path"),
-    "--max-pixels": ("model", "max_pixels"),
-    "--data-root": ("data", "data_root"),
-    "--image-root": ("data", "image_root"),
-    "--users": ("data", "users"),
-    "--max-length": ("data", "max_length"),
-    "--output-dir": ("train", "output_dir"),
-    "--lr": ("train", "learning_rate"),
-    "--epochs": ("train", "epochs"),
-    "--max-steps": ("train", "max_steps"),
-    "--batch-size": ("train", "batch_size"),
-    "--grad-accum": ("train", "grad_accum"),
-    "--save-steps": ("train", "save_steps"),
-    "--workers": ("train", "dataloader_workers"),
-    "--seed": ("train", "seed"),
-}
+ALIASES = [  # short flag -> (section, field); the first one whose section the command has wins
+    ("--model", "model", "name_or_path"),
+    ("--max-pixels", "model", "max_pixels"),
+    ("--data-root", "data", "data_root"),
+    ("--image-root", "data", "image_root"),
+    ("--users", "data", "users"),
+    ("--max-length", "data", "max_length"),
+    ("--output-dir", "train", "output_dir"),
+    ("--lr", "train", "learning_rate"),
+    ("--epochs", "train", "epochs"),
+    ("--max-steps", "train", "max_steps"),
+    ("--batch-size", "train", "batch_size"),
+    ("--batch-size", "eval", "batch_size"),
+    ("--grad-accum", "train", "grad_accum"),
+    ("--save-steps", "train", "save_steps"),
+    ("--workers", "train", "dataloader_workers"),
+    ("--workers", "eval", "workers"),
+    ("--seed", "train", "seed"),
+    ("--adapter", "eval", "adapter"),
+    ("--checkpoint", "eval", "checkpoint"),
+    ("--out", "eval", "out"),
+    ("--label", "eval", "label"),
+    ("--max-new-tokens", "eval", "max_new_tokens"),
+]
 SWITCHES = {  # flag -> (section, field, value)
     "--lora": ("train", "method", "lora"),
     "--full": ("train", "method", "full"),
@@ -60,8 +67,10 @@ def add_config_flags(parser, sections=("model", "lora", "data", "train")) -> Non
         for f in dataclasses.fields(C.SECTIONS[section]):
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=None, metavar="V",
                                type=lambda text, k=f.type: _parse_value(k, text), help=f.metadata.get("help"))
-    for flag, (section, name) in ALIASES.items():
-        if section in sections:
+    taken = set()
+    for flag, section, name in ALIASES:
+        if section in sections and flag not in taken:
+            taken.add(flag)
             parser.add_argument(flag, dest=f"{section}.{name}", default=None, metavar="V", type=type(
                 getattr(C.SECTIONS[section](), name) or ""), help=f"same as --{section}.{name}")
     for flag, (section, name, value) in SWITCHES.items():
@@ -70,8 +79,11 @@ def add_config_flags(parser, sections=("model", "lora", "data", "train")) -> Non
                                 default=None, help=f"set {section}.{name} = {value}")
 
 
-def config_from_args(args) -> C.RunConfig:
-    cfg = C.load_yaml(args.config) if getattr(args, "config", None) else C.RunConfig()
+def config_from_args(args, defaults: dict | None = None) -> C.RunConfig:
+    """Seed defaults, then the command's own `defaults`, then the YAML file, then flags."""
+    cfg = C.from_dict(defaults or {}, C.RunConfig(), source="defaults")
+    if getattr(args, "config", None):
+        cfg = C.load_yaml(args.config, cfg)
     flags = {}
     for key, value in vars(args).items():
         if "." in key and value is not None:
@@ -96,6 +108,23 @@ def cmd_train(args) -> None:
     from pigg.train import train
 
     train(config_from_args(args))
+
+
+EVAL_DEFAULTS = {"data": {"users": "1-10"}}
+
+
+def cmd_eval(args) -> None:
+    single_gpu_guard()
+    from pigg.evaluate import run_eval
+
+    run_eval(config_from_args(args, EVAL_DEFAULTS))
+
+
+def cmd_report(args) -> None:
+    from pigg.report import write_report
+
+    labels = args.labels.split(",") if args.labels else None
+    print(f"report written to {write_report(args.runs, args.out, labels=labels)}")
 
 
 def cmd_data_validate(args) -> None:
@@ -140,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("eval", help="evaluate a model (zero-shot, or with --adapter / --checkpoint) on held-out users")
+    add_config_flags(p, ("model", "data", "eval"))
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="one self-contained HTML page comparing evaluation runs")
+    p.add_argument("runs", nargs="+", help="evaluation folders (each with metrics.json and predictions/)")
+    p.add_argument("--out", default=None, help="HTML file to write (default: report.html in the first run)")
+    p.add_argument("--labels", default=None, help="comma-separated names for the runs (default: each run's label)")
+    p.set_defaults(func=cmd_report)
+
     data = sub.add_parser("data", help="validate, summarise or synthesise user data")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("validate", help="check every selected sample, as training would, without a model")
@@ -174,7 +213,7 @@ def main(argv=None) -> int:
 
     try:
         args.func(args)
-    except (C.ConfigError, DataError, FileExistsError) as e:
+    except (C.ConfigError, DataError, FileExistsError, FileNotFoundError) as e:
         print(f"pigg: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -73,14 +73,27 @@ class TrainConfig:
 
 
 @dataclass
+class EvalSettings:
+    adapter: str | None = opt(None, "LoRA adapter folder to apply to the model (e.g. OUT/global_agent_lora).")
+    checkpoint: str | None = opt(None, "A pigg output or checkpoint folder: an adapter (base from its config) or a full model.")
+    out: str | None = opt(None, "Folder for predictions and metrics (default: eval_runs/<label>).")
+    label: str | None = opt(None, "Name of this model in reports (default: vanilla, or the checkpoint's folder name).")
+    batch_size: int = opt(32, "Prompts per generate() call; prompts are grouped by length and left-padded.")
+    max_new_tokens: int = opt(128, "Most tokens generated per answer (the seed used 512; answers are ~30).")
+    workers: int = opt(4, "DataLoader processes that decode images and tokenize.")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
 
 
-SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig,
+            "eval": EvalSettings}
 
 
 class ConfigError(ValueError):
@@ -145,6 +158,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         p.append(f"lora.target_modules must be a non-empty subset of {LLM_LINEARS}, got extra {bad}")
     if lo.bias not in ("none", "all", "lora_only"):
         p.append(f"lora.bias must be none, all or lora_only, got {lo.bias!r}")
+    if cfg.eval.batch_size < 1 or cfg.eval.max_new_tokens < 1 or cfg.eval.workers < 0:
+        p.append("eval.batch_size and eval.max_new_tokens must be >= 1, eval.workers >= 0")
     if d.max_length < 64:
         p.append(f"data.max_length must be >= 64, got {d.max_length}")
     try:

@@ -112,3 +112,34 @@ def prepare_model(model, method: str, lora: LoraSettings):
         train_full_llm(model)
     assert_no_adapter_in_vision(model)
     return model
+
+
+def resolve_checkpoint(model: str | None, adapter: str | None, checkpoint: str | None) -> tuple[str, str | None]:
+    """(base model, adapter or None) for eval: a checkpoint folder is an adapter or a full model."""
+    import json
+    from pathlib import Path
+
+    if checkpoint:
+        folder = Path(checkpoint)
+        if (folder / "adapter_config.json").is_file():
+            if adapter:
+                raise ValueError("give --checkpoint or --adapter, not both")
+            adapter = str(folder)
+        elif (folder / "config.json").is_file():
+            return str(folder), adapter
+        else:
+            raise FileNotFoundError(f"{folder}: neither adapter_config.json nor config.json: not a checkpoint")
+    if adapter and not model:
+        model = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return model or ModelConfig().name_or_path, adapter
+
+
+def load_for_inference(cfg: ModelConfig, adapter: str | None, device: str):
+    """Base model with the adapter merged in (merged weights generate faster than a PEFT wrapper)."""
+    model = load_model(cfg, device)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model.config.use_cache = True
+    return model.to(device).eval()

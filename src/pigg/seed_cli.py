@@ -20,18 +20,52 @@ def translate_finetune_global(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--lora", action="store_true", help="LoRA (default: full fine-tuning, as in the seed)")
     parser.add_argument("--u", nargs="+", type=int, help="users: two numbers are a range, more a list")
     args, rest = parser.parse_known_args(argv)
-    gpus = args.gpus.replace(" ", "")
-    if not all(g.isdigit() for g in gpus.split(",")):
-        parser.error(f"GPU list must look like 0 or 0,1, got {args.gpus!r}")
+    env = _gpu_env(parser, args.gpus)
     out = ["train", "--lora" if args.lora else "--full"]
     if args.u:
         out += ["--users", seed_users_arg(args.u)]
-    return {"CUDA_VISIBLE_DEVICES": gpus}, out + rest
+    return env, out + rest
+
+
+def _gpu_env(parser, gpus: str) -> dict:
+    gpus = gpus.replace(" ", "")
+    if not all(g.isdigit() for g in gpus.split(",")):
+        parser.error(f"GPU list must look like 0 or 0,1, got {gpus!r}")
+    return {"CUDA_VISIBLE_DEVICES": gpus}
+
+
+def translate_eval(argv: list[str], with_checkpoint: bool) -> tuple[dict, list[str]]:
+    """The seed's `1_vanilla_eval.py 0 --u 1 10` and `3_eval_checkpoint.py 0 --checkpoint DIR --u 1 10 [--lora]`."""
+    name = "3_eval_checkpoint.py" if with_checkpoint else "1_vanilla_eval.py"
+    parser = argparse.ArgumentParser(prog=name)
+    parser.add_argument("gpus", help="GPU list, e.g. 0 (becomes CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--u", nargs="+", type=int, default=[1, 10], help="users: two numbers are a range")
+    if with_checkpoint:
+        parser.add_argument("--checkpoint", required=True, help="fine-tuned output or checkpoint folder")
+        parser.add_argument("--lora", action="store_true", help="the checkpoint is a LoRA adapter (checked)")
+    args, rest = parser.parse_known_args(argv)
+    out = ["eval", "--users", seed_users_arg(args.u)]
+    if with_checkpoint:
+        from pathlib import Path
+
+        is_adapter = (Path(args.checkpoint) / "adapter_config.json").is_file()
+        if args.lora and not is_adapter:
+            parser.error(f"--lora given but {args.checkpoint} has no adapter_config.json")
+        out += ["--checkpoint", args.checkpoint]
+    return _gpu_env(parser, args.gpus), out + rest
+
+
+def _run(env: dict, pigg_argv: list[str]) -> int:
+    return _run(env, pigg_argv)
+
+
+def vanilla_eval_main(argv=None) -> int:
+    return _run(*translate_eval(sys.argv[1:] if argv is None else argv, with_checkpoint=False))
+
+
+def eval_checkpoint_main(argv=None) -> int:
+    return _run(*translate_eval(sys.argv[1:] if argv is None else argv, with_checkpoint=True))
 
 
 def finetune_global_main(argv=None) -> int:
-    env, pigg_argv = translate_finetune_global(sys.argv[1:] if argv is None else argv)
-    os.environ.update(env)  # before torch initialises CUDA
-    from pigg.cli import main
-
-    return main(pigg_argv)
+    return _run(*translate_finetune_global(sys.argv[1:] if argv is None else argv))

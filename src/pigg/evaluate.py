@@ -1,0 +1,189 @@
+"""Evaluation: greedy answers on held-out users, scored for Click Acc@140 and friends.
+
+One `evaluate()` serves the zero-shot, global and personalized models. Prompts are sorted by
+length and generated in left-padded batches (decoder-only generation continues from the last
+position, so padding must sit on the left). Predictions are appended to per-user JSONL files as
+batches finish, so an interrupted evaluation resumes without redoing finished samples.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from pigg import config as C
+from pigg.collate import render, sample_length
+from pigg.data import Sample, images_of, load_samples, open_image
+import pigg.metrics as M
+
+
+def prompt_and_truth(sample: Sample) -> tuple[Sample, str]:
+    """The sample up to its last assistant turn, and that turn's text (the ground truth)."""
+    *context, answer = sample.messages
+    truth = "".join(item["text"] for item in answer["content"] if item["type"] == "text")
+    return Sample(sample.user, sample.index, sample.source, context), truth
+
+
+def command_of(prompt: Sample) -> str:
+    texts = [item["text"] for item in prompt.messages[-1]["content"] if item["type"] == "text"]
+    return texts[-1] if texts else ""
+
+
+class PromptCollator:
+    """Left-padded prompt batches plus the samples they came from (runs in DataLoader workers)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        processor.tokenizer.padding_side = "left"
+
+    def __call__(self, items: list[tuple[Sample, str]]):
+        texts = [render(self.processor, p.messages, add_generation_prompt=True) for p, _ in items]
+        images = [open_image(ref) for p, _ in items for ref in images_of(p)]
+        batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        return dict(batch), items
+
+
+def length_batches(prompts: list[tuple[Sample, str]], lengths: list[int], batch_size: int) -> list[list]:
+    """Batches of similar length, longest first (an out-of-memory shows up at once, not at the end)."""
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    return [[prompts[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+
+
+def read_done(pred_dir: Path) -> dict[int, list[dict]]:
+    """Records already written; a line cut short by an interruption is dropped and the file repaired."""
+    done = {}
+    for path in sorted(pred_dir.glob("user_*.jsonl")):
+        records, good = [], []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+                good.append(line)
+            except json.JSONDecodeError:
+                print(f"WARNING: {path}: dropping a line cut short by an interruption")
+        path.write_text("".join(g + "\n" for g in good))
+        if records:
+            done[records[0]["user"]] = records
+    return done
+
+
+@torch.inference_mode()
+def generate_batch(model, processor, batch: dict, max_new_tokens: int, min_new_tokens: int = 0) -> list[str]:
+    from transformers import GenerationConfig
+
+    tok = processor.tokenizer
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id,
+                           eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id])
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    out = model.generate(**batch, generation_config=gen)
+    return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate(model, processor, samples: list[Sample], sizes: dict, out_dir, batch_size: int = 32,
+             max_new_tokens: int = 128, workers: int = 4, meta: dict | None = None,
+             min_new_tokens: int = 0) -> dict:
+    """Generate, score and write predictions and metrics for `samples`; return the metrics.
+
+    `min_new_tokens` exists for benchmarks, which need the same work per sample from random weights.
+    """
+    out_dir = Path(out_dir)
+    pred_dir = out_dir / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    done = read_done(pred_dir)
+    finished = {(r["user"], r["index"]) for records in done.values() for r in records}
+    prompts = [prompt_and_truth(s) for s in samples if (s.user, s.index) not in finished]
+    if finished:
+        print(f"eval: {len(finished)} samples already done in {pred_dir}, {len(prompts)} to go")
+    lengths = [sample_length(processor, p, sizes)[0] for p, _ in prompts]
+    batches = length_batches(prompts, lengths, batch_size)
+    loader = DataLoader(batches, batch_size=None, collate_fn=PromptCollator(processor), num_workers=workers,
+                        pin_memory=torch.cuda.is_available())
+    from tqdm.auto import tqdm
+
+    model.eval()
+    with tqdm(total=len(prompts), desc="eval", unit="sample") as bar:
+        for batch, items in loader:
+            answers = generate_batch(model, processor, batch, max_new_tokens, min_new_tokens)
+            for (prompt, truth), raw in zip(items, answers):
+                record = prediction_record(prompt, truth, raw)
+                with open(pred_dir / f"user_{prompt.user}.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                done.setdefault(prompt.user, []).append(record)
+            bar.update(len(items))
+    metrics = {**(meta or {}), "max_new_tokens": max_new_tokens, **M.aggregate(done)}
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def prediction_record(prompt: Sample, truth: str, raw: str) -> dict:
+    images = images_of(prompt)
+    image = images[0] if images and isinstance(images[0], str) else None
+    try:
+        score = M.score_sample(raw, truth)
+    except ValueError as e:
+        raise ValueError(f"{prompt.where}: ground truth: {e}") from None
+    return dict(user=prompt.user, index=prompt.index, source=prompt.source, image=image,
+                command=command_of(prompt), raw=raw, **score)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def format_metrics(metrics: dict) -> str:
+    def pct(x):
+        return "  -  " if x is None else f"{100 * x:5.1f}%"
+
+    def num(x):
+        return "   -  " if x is None else f"{x:6.1f}"
+
+    head = f"{'user':>6} {'n':>6} {'Acc@140':>8} {'mean L2':>8} {'med L2':>8} {'parse fail':>10} {'ref EM':>7} {'ref F1':>7} {'seed rule':>9}"
+    lines = [head, "-" * len(head)]
+    rows = [(u, m) for u, m in sorted(metrics["users"].items(), key=lambda kv: int(kv[0]))]
+    rows += [("micro", metrics["micro"]), ("macro", {**metrics["macro"], "n": metrics["micro"]["n"]})]
+    for name, m in rows:
+        lines.append(f"{name:>6} {m['n']:>6} {pct(m['click_acc_140']):>8} {num(m['mean_l2']):>8} "
+                     f"{num(m['median_l2']):>8} {pct(m['parse_failure_rate']):>10} {pct(m['referring_exact']):>7} "
+                     f"{pct(m['referring_f1']):>7} {pct(m['seed_click_acc_140']):>9}")
+    lines.append("seed rule: the replaced system's scoring (unparseable answer -> (0, 0), box -> first corner), "
+                 "for comparison only")
+    return "\n".join(lines)
+
+
+def default_label(cfg: C.RunConfig) -> str:
+    if cfg.eval.label:
+        return cfg.eval.label
+    source = cfg.eval.checkpoint or cfg.eval.adapter
+    return Path(source).resolve().name if source else "vanilla"
+
+
+def run_eval(cfg: C.RunConfig) -> dict:
+    """`pigg eval`: validate the data, load the model (zero-shot or with a checkpoint), evaluate."""
+    from pigg.model import load_for_inference, resolve_checkpoint
+    from pigg.processor import load_processor
+    from pigg.train import device
+
+    C.validate(cfg)
+    e = cfg.eval
+    explicit_model = cfg.model.name_or_path if cfg.model.name_or_path != C.ModelConfig().name_or_path else None
+    cfg.model.name_or_path, adapter = resolve_checkpoint(explicit_model, e.adapter, e.checkpoint)
+    label = default_label(cfg)
+    out = Path(e.out or Path("eval_runs") / label)
+    print(f"eval: {label}: model {cfg.model.name_or_path}" + (f" + adapter {adapter}" if adapter else "") + f" -> {out}")
+    samples, sizes = load_samples(cfg.data)
+    processor_source = next((p for p in (adapter, cfg.model.name_or_path)
+                             if p and (Path(p) / "tokenizer_config.json").is_file()), cfg.model.name_or_path)
+    processor = load_processor(processor_source, cfg.model.min_pixels, cfg.model.max_pixels)
+    model = load_for_inference(cfg.model, adapter, device())
+    out.mkdir(parents=True, exist_ok=True)
+    C.save_yaml(cfg, out / "eval_config.yaml")
+    meta = dict(label=label, model=cfg.model.name_or_path, adapter=adapter, users=cfg.data.users)
+    metrics = evaluate(model, processor, samples, sizes, out, e.batch_size, e.max_new_tokens, e.workers, meta)
+    print(format_metrics(metrics))
+    print(f"predictions and metrics.json in {out}")
+    return metrics

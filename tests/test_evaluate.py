@@ -1,0 +1,108 @@
+"""Evaluation on the tiny model: batched == one-at-a-time, resume, outputs, checkpoints, shims."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_run_config
+from pigg import config as C
+from pigg.data import load_samples
+from pigg.evaluate import PromptCollator, evaluate, generate_batch, length_batches, prompt_and_truth, read_done
+from pigg.seed_cli import translate_eval
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, synth_root, processor):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    cfg = C.DataConfig(data_root=str(synth_root), users="1-2", validation_workers=1)
+    samples, sizes = load_samples(cfg)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir).eval()
+    return model, samples, sizes
+
+
+def test_left_padded_batches_answer_like_single_prompts(setup, processor):
+    model, samples, _ = setup
+    items = [prompt_and_truth(s) for s in samples[:6]]
+    collate = PromptCollator(processor)
+    batch, _ = collate(items)
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max(), "the test needs prompts of different lengths"
+    assert (batch["attention_mask"][:, -1] == 1).all(), "padding must be on the left"
+    batched = generate_batch(model, processor, batch, 12)
+    single = [generate_batch(model, processor, collate([item])[0], 12)[0] for item in items]
+    assert batched == single
+
+
+def test_prompt_excludes_the_answer(setup):
+    _, samples, _ = setup
+    prompt, truth = prompt_and_truth(samples[0])
+    assert [m["role"] for m in prompt.messages] == ["user"]
+    assert truth.startswith("```referring\n") and "```grounding\n[" in truth
+
+
+def test_length_batches_group_by_length():
+    items = list("abcdef")
+    batches = length_batches(items, [5, 1, 9, 3, 7, 2], 2)
+    assert batches == [["c", "e"], ["a", "d"], ["f", "b"]]
+
+
+def test_outputs_and_resume_after_interruption(setup, processor, tmp_path, monkeypatch):
+    model, samples, sizes = setup
+    straight = evaluate(model, processor, samples, sizes, tmp_path / "a", batch_size=4, max_new_tokens=8, workers=0)
+    assert straight["micro"]["n"] == len(samples)
+    assert set(straight["users"]) == {"1", "2"}
+    files = sorted(p.name for p in (tmp_path / "a" / "predictions").iterdir())
+    assert files == ["user_1.jsonl", "user_2.jsonl"]
+    record = json.loads((tmp_path / "a" / "predictions" / "user_1.jsonl").read_text().splitlines()[0])
+    for key in ("user", "index", "image", "command", "raw", "pred_point", "gt_point", "distance", "hit", "parse_ok"):
+        assert key in record
+
+    # Interrupt: keep 3 finished records of user 1, none of user 2, and a line cut in half.
+    interrupted = tmp_path / "b" / "predictions"
+    interrupted.mkdir(parents=True)
+    lines = (tmp_path / "a" / "predictions" / "user_1.jsonl").read_text().splitlines()
+    (interrupted / "user_1.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
+    calls = []
+    real = generate_batch
+
+    def counting(model, processor, batch, *args):
+        calls.append(batch["input_ids"].shape[0])
+        return real(model, processor, batch, *args)
+
+    monkeypatch.setattr("pigg.evaluate.generate_batch", counting)
+    resumed = evaluate(model, processor, samples, sizes, tmp_path / "b", batch_size=4, max_new_tokens=8, workers=0)
+    assert sum(calls) == len(samples) - 3
+    assert resumed == straight
+    assert sum(len(v) for v in read_done(interrupted).values()) == len(samples)
+
+
+def test_eval_command_on_a_trained_adapter(tiny_dir, synth_root, tmp_path, monkeypatch):
+    from pigg.cli import main
+    from pigg.train import train
+
+    monkeypatch.chdir(tmp_path)
+    folder = train(tiny_run_config(tiny_dir, synth_root, tmp_path, max_steps=1))
+    rc = main(["eval", "--checkpoint", str(folder), "--data-root", str(synth_root), "--users", "3",
+               "--out", str(tmp_path / "ev"), "--batch-size", "8", "--max-new-tokens", "8", "--workers", "0",
+               "--max-pixels", str(200 * 400), "--data.validation_workers", "1"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["adapter"] == str(folder) and metrics["model"] == str(tiny_dir)
+    assert list(metrics["users"]) == ["3"] and metrics["label"] == "global_agent_lora"
+    assert (tmp_path / "ev" / "eval_config.yaml").is_file()
+
+
+@pytest.mark.parametrize("argv, checkpoint, expected", [
+    (["0", "--u", "1", "10"], False, ["eval", "--users", "1-10"]),
+    (["1"], False, ["eval", "--users", "1-10"]),
+    (["0", "--checkpoint", "/ck", "--u", "2", "4", "7"], True, ["eval", "--users", "2,4,7", "--checkpoint", "/ck"]),
+])
+def test_seed_eval_shims(argv, checkpoint, expected):
+    env, out = translate_eval(argv, with_checkpoint=checkpoint)
+    assert out == expected and env == {"CUDA_VISIBLE_DEVICES": argv[0]}
+
+
+def test_seed_eval_shim_checks_lora_flag(tmp_path):
+    with pytest.raises(SystemExit):
+        translate_eval(["0", "--checkpoint", str(tmp_path), "--lora"], with_checkpoint=True)

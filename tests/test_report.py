@@ -1,0 +1,286 @@
+import os
+import re
+import shutil
+import signal
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pigg import report
+from report_fixtures import PLANS, make_data, write_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCRIPT = "<script>alert(1)</script>"
+RAW = 'no point here <img src="x" onerror="alert(2)">'
+
+
+def hostile(row):
+    """Untrusted text in the places the page shows it."""
+    if (row["user"], row["index"]) == (1, 1):
+        return {**row, "command": SCRIPT}
+    if (row["user"], row["index"]) == (2, 0):
+        return {**row, "raw": RAW}
+    return row
+
+
+def missing_image(row):
+    if (row["user"], row["index"]) == (3, 0):
+        return {**row, "image": "/nonexistent/screen.png"}
+    if (row["user"], row["index"]) == (1, 2):
+        return {**row, "image": None}  # what pigg eval writes for images stored as bytes
+    return row
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("report")
+    return [write_run(root / "vanilla", "vanilla", data, PLANS["vanilla"], hostile),
+            write_run(root / "global", "global", data, PLANS["global"], missing_image),
+            write_run(root / "personalized", "personalized", data, PLANS["personalized"])]
+
+
+@pytest.fixture(scope="module")
+def page(runs):
+    out = report.write_report(runs)
+    assert out == runs[0] / "report.html"
+    return out.read_text(encoding="utf-8")
+
+
+class Tables(HTMLParser):
+    """Body rows of every <table id=...>: {id: [[(text, is_best), ...], ...]}."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.table, self.row, self.cell, self.in_body = {}, None, None, None, False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.table = self.tables.setdefault(attrs.get("id"), [])
+        elif tag == "tbody":
+            self.in_body = True
+        elif tag == "tr" and self.in_body:
+            self.row = []
+            self.table.append(self.row)
+        elif tag in ("td", "th") and self.row is not None:
+            self.cell = ["", attrs.get("class") == "best"]
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self.cell is not None:
+            self.row.append((self.cell[0].strip(), self.cell[1]))
+            self.cell = None
+        elif tag == "tr":
+            self.row = None
+        elif tag == "tbody":
+            self.in_body = False
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell[0] += data
+
+
+def tables_of(page):
+    parser = Tables()
+    parser.feed(page)
+    return parser.tables
+
+
+def section(page, start_marker, end_marker):
+    return page[page.index(start_marker):page.index(end_marker, page.index(start_marker))]
+
+
+def test_page_is_self_contained(page):
+    assert page.startswith("<!DOCTYPE html>") and page.count("<html") == 1 and page.rstrip().endswith("</html>")
+    assert "<link" not in page and "<script" not in page  # no JS at all; the one in the data is escaped
+    references = re.findall(r'\b(?:src|href)\s*=\s*"([^"]*)"', page)
+    assert references and all(r.startswith("data:image/jpeg;base64,") for r in references)
+    assert not re.search(r"url\(", page)
+    assert len(page) < 1_500_000
+
+
+def test_summary_table_values(page):
+    rows = {r[0][0]: [text for text, _ in r[1:]] for r in tables_of(page)["summary"]}
+    # micro/macro per run: vanilla 7/17 hits, users 2/6, 2/5, 3/6; global 13/17; personalized 15/17
+    assert rows["Click Acc@140"] == ["41.2%", "41.1%", "76.5%", "76.7%", "88.2%", "87.8%"]
+    # vanilla parses 14 of 17; users 1/6, 2/5, 0/6 unparsed
+    assert rows["Parse-failure rate"][:2] == ["17.6%", "18.9%"]
+    assert rows["n"] == ["17 samples", "3 users"] * 3
+    seed = [k for k in rows if k.startswith("Seed rule")]
+    assert seed == ["Seed rule Click Acc@140 (replaced system's scoring)"]
+
+
+def test_per_user_table_has_hand_computed_values_and_best_runs(page):
+    rows = tables_of(page)["per-user"]
+    assert [r[0][0] for r in rows] == ["1", "2", "3"]
+    acc = [r[1:4] for r in rows]
+    assert acc == [
+        [("33.3%", False), ("83.3%", False), ("100.0%", True)],
+        [("40.0%", False), ("80.0%", True), ("80.0%", True)],  # a tie highlights both
+        [("50.0%", False), ("66.7%", False), ("83.3%", True)],
+    ]
+    # vanilla user 1 parsed distances 300, 200, 10, 150, 0: median 150; lowest median is best
+    assert rows[0][4] == ("150.0", False) and rows[0][6] == ("0.0", True)
+    assert [r[7][0] for r in rows] == ["16.7%", "40.0%", "0.0%"]  # vanilla parse failures
+    assert [r[-1][0] for r in rows] == ["6", "5", "6"]
+
+
+def test_bar_chart_has_one_bar_per_user_and_run(page):
+    chart = section(page, '<svg id="bar-chart"', "</svg>")
+    bars = re.findall(r'<rect class="bar" data-user="(\d+)" data-run="(\w+)"[^>]* height="([\d.]+)"', chart)
+    assert [(u, r) for u, r, _ in bars] == [(u, r) for u in "123" for r in ("vanilla", "global", "personalized")]
+    height = {(u, r): float(h) for u, r, h in bars}
+    assert height[("1", "personalized")] == pytest.approx(2 * height[("3", "vanilla")], abs=0.1)  # 100% vs 50%
+    for tick in ("0%", "20%", "40%", "60%", "80%", "100%"):
+        assert f">{tick}</text>" in chart
+    assert "Click Acc@140</text>" in chart and ">user</text>" in chart
+
+
+def test_user_missing_from_a_run_gets_a_dash_and_no_bar(runs, data, tmp_path):
+    partial = write_run(tmp_path / "partial", "partial", data, {1: PLANS["global"][1], 3: PLANS["global"][3]})
+    page = report.write_report([runs[0], partial], tmp_path / "r.html").read_text()
+    user_2 = tables_of(page)["per-user"][1]
+    assert user_2[0][0] == "2" and user_2[1:3] == [("40.0%", False), ("—", False)] and user_2[-1][0] == "5 / —"
+    bars = re.findall(r'<rect class="bar" data-user="(\d+)" data-run="(\w+)"', page)
+    assert bars == [("1", "vanilla"), ("1", "partial"), ("2", "vanilla"), ("3", "vanilla"), ("3", "partial")]
+
+
+def test_cdf_steps_count_unparsed_in_the_denominator():
+    assert report.cdf_steps([200, 10, 10], 4) == [(0.0, 0.0), (10.0, 0.0), (10.0, 0.5), (200.0, 0.5), (200.0, 0.75)]
+
+
+def test_cdf_chart_ends_at_the_parsed_fraction(page):
+    chart = section(page, '<svg id="cdf-chart"', "</svg>")
+    ys = {}
+    for run, points in re.findall(r'<polyline class="cdf" data-run="(\w+)"[^>]* points="([^"]+)"', chart):
+        ys[run] = [float(p.split(",")[1]) for p in points.split()]
+    zero, one = ys["personalized"][0], ys["personalized"][-1]  # personalized parses everything
+    assert (zero - ys["vanilla"][-1]) / (zero - one) == pytest.approx(14 / 17, abs=0.002)
+    assert (zero - ys["global"][-1]) / (zero - one) == pytest.approx(16 / 17, abs=0.002)
+    assert 'class="marker"' in chart and ">140</text>" in chart
+    assert "parsed 82.4%" in page and "never reaches 1" in page
+
+
+def cards_of(page, run):
+    gallery = section(page, f'<section class="gallery" data-run="{run}"', "</section>")
+    found = re.findall(r'<figure class="card" data-user="(\d+)" data-index="(\d+)"', gallery)
+    return [(int(u), int(i)) for u, i in found]
+
+
+def test_gallery_lists_unparsed_then_worst_misses(page):
+    # vanilla: unparsed (1,0) (2,0) (2,1); then distances 500 (3,0), 400 (2,2), 300 (1,1), 250 (3,2)
+    assert cards_of(page, "vanilla")[:7] == [(1, 0), (2, 0), (2, 1), (3, 0), (2, 2), (1, 1), (3, 2)]
+    assert len(cards_of(page, "vanilla")) == 17
+    assert cards_of(page, "personalized")[:2] == [(3, 5), (2, 4)]  # 480, 450
+
+
+def test_gallery_limit(runs, tmp_path):
+    page = report.write_report(runs, tmp_path / "r.html", gallery_per_run=4).read_text()
+    assert cards_of(page, "global") == [(3, 0), (2, 1), (1, 2), (3, 4)]  # unparsed, then 450, 200, 150
+    assert "showing 4 of 17 samples, worst first (1 unparsed, 3 misses, 13 hits)" in page
+
+
+def card_html(page, run, user, index):
+    gallery = section(page, f'<section class="gallery" data-run="{run}"', "</section>")
+    return section(gallery, f'data-user="{user}" data-index="{index}"', "</figure>")
+
+
+def test_overlay_geometry(page):
+    # personalized user 2 sample 4: GT [500, 380], prediction 450 units right at [950, 380]. On the
+    # 180x400 screenshot that is (90, 152) and (171, 152); 140 units are 25.2 px across, 56 px down.
+    card = card_html(page, "personalized", 2, 4)
+    assert "[500, 380]" in card and "[950, 380]" in card
+    assert (f'<ellipse class="region" cx="90.0" cy="152.0" rx="25.2" ry="56.0" fill="none" '
+            f'stroke="{report.MISS_COLOUR}"') in card
+    assert '<circle class="pred" cx="171.0" cy="152.0"' in card and '<circle class="gt" cx="90.0" cy="152.0"' in card
+    assert "miss · L2 450.0" in card
+    hit = card_html(page, "personalized", 1, 0)
+    assert f'stroke="{report.HIT_COLOUR}"' in hit and "hit · L2 0.0" in hit
+    unparsed = card_html(page, "vanilla", 1, 0)
+    assert 'class="pred"' not in unparsed and 'class="gt"' in unparsed and "unparsed answer" in unparsed
+
+
+def test_untrusted_text_is_escaped(page):
+    assert SCRIPT not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<img" not in page and "&lt;img src=&quot;x&quot; onerror=&quot;alert(2)&quot;&gt;" in page
+
+
+def test_missing_image_gives_a_placeholder(page):
+    card = card_html(page, "global", 3, 0)
+    assert 'class="placeholder"' in card and "image not found: /nonexistent/screen.png" in card
+    card = card_html(page, "global", 1, 2)
+    assert 'class="placeholder"' in card and "no image path recorded" in card
+    assert page.count('class="placeholder"') == 2
+
+
+def test_output_is_deterministic(runs, tmp_path):
+    a = report.write_report(runs, tmp_path / "a.html").read_bytes()
+    b = report.write_report(runs, tmp_path / "b.html").read_bytes()
+    assert a == b
+
+
+def test_labels_and_bad_input(runs, tmp_path):
+    page = report.write_report(runs[:2], tmp_path / "r.html", labels=["zero-shot", "<b>ft</b>"]).read_text()
+    assert "zero-shot" in page and "&lt;b&gt;ft&lt;/b&gt;" in page and "<b>ft</b>" not in page
+    with pytest.raises(ValueError, match="labels must differ"):
+        report.write_report(runs[:2], tmp_path / "r.html", labels=["a", "a"])
+    with pytest.raises(ValueError, match="2 labels for 3"):
+        report.write_report(runs, tmp_path / "r.html", labels=["a", "b"])
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        report.write_report([tmp_path], tmp_path / "r.html")
+
+
+def test_unparseable_prediction_line_names_file_and_line(runs, tmp_path):
+    run = tmp_path / "broken"
+    shutil.copytree(runs[0], run)
+    path = run / "predictions" / "user_2.jsonl"
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=r"user_2\.jsonl:6: not a JSON object"):
+        report.write_report([run])
+
+
+def colour_pixels(png: Path) -> dict:
+    counts = {colour: n for n, colour in Image.open(png).convert("RGB").getcolors(1 << 24)}
+    rgb = {name: tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))
+           for name, c in (("gt", report.GT_COLOUR), ("pred", report.PRED_COLOUR), ("hit", report.HIT_COLOUR))}
+    return {name: counts.get(value, 0) for name, value in rgb.items()} | {"distinct": len(counts)}
+
+
+def run_chromium(command: list, timeout: int = 20) -> tuple:
+    # Its own process group, so that on a timeout (a script left unescaped can open a blocking
+    # alert) the renderer and helper processes go down with the browser.
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        return f"timed out after {timeout}s", stderr
+    return process.returncode, stderr
+
+
+def test_page_renders_in_chromium(runs, tmp_path):
+    assert CHROMIUM.exists(), "headless Chromium is needed for this test: apt-get install -y chromium"
+    # Personalized first: its gallery opens with two misses and then hits, so all three overlay
+    # colours are in the window.
+    html = report.write_report([runs[2], runs[0]], tmp_path / "browser.html")
+    png = tmp_path / "page.png"
+    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", "--hide-scrollbars",
+               f"--screenshot={png}", html.as_uri()]
+    rc, stderr = run_chromium(command)
+    assert png.is_file(), f"chromium wrote no screenshot (rc {rc}): {stderr[-2000:]}"
+    assert Image.open(png).size == (1280, 2400)
+    seen = colour_pixels(png)
+    assert seen["distinct"] > 500, seen
+    # ~20 dots and rings in view; the key above the gallery has none of these colours
+    assert seen["gt"] > 300 and seen["pred"] > 300 and seen["hit"] > 100, seen

@@ -63,6 +63,8 @@ class TrainConfig:
     lr_scheduler: str = opt("linear", "Learning-rate schedule after warm-up (transformers' names).")
     weight_decay: float = opt(0.01, "AdamW weight decay.")
     gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass to save memory.")
+    logits_on_labels_only: bool = opt(True, "Compute lm_head and the loss only where a token is supervised "
+                                            "(the same loss; the 151,936-way logits elsewhere are wasted work).")
     save_steps: int = opt(500, "Save a resumable checkpoint every this many optimizer steps.")
     save_total_limit: int = opt(3, "Checkpoints to keep.")
     logging_steps: int = opt(10, "Log loss, learning rate and supervised tokens every this many steps.")

@@ -23,8 +23,8 @@ def demo_config(out: Path) -> C.RunConfig:
     cfg.model.max_pixels = 180 * 400  # ~64 image tokens a screenshot keeps CPU steps short
     cfg.data.data_root, cfg.data.users, cfg.data.validation_workers = str(out / "data"), DEMO_TRAIN_USERS, 2
     t = cfg.train
-    t.method, t.learning_rate, t.warmup_steps, t.lr_scheduler = "full", 2e-3, 5, "cosine"
-    t.batch_size, t.grad_accum, t.epochs = 4, 2, 2.0
+    t.method, t.learning_rate, t.warmup_steps, t.lr_scheduler = "full", 3e-3, 5, "cosine"
+    t.batch_size, t.grad_accum, t.epochs = 4, 2, 4.0
     t.gradient_checkpointing, t.dataloader_workers = False, 1
     t.save_steps, t.logging_steps = 50, 5
     t.output_dir, t.log_dir = str(out / "runs"), str(out / "logs")

@@ -22,8 +22,9 @@ from pigg.data import load_samples
 import pigg.evaluate as E
 from pigg.evaluate import evaluate
 from pigg.model import load_model
-from pigg.processor import load_processor, make_processor, save_processor
+from pigg.processor import load_processor
 from pigg.synth import synthesize
+from pigg.tiny import make_config_folder
 
 BASELINE = {"seed_loop_bs1": 0.56, "naive_bs32": 9.52}
 NEW_TOKENS = 40
@@ -35,9 +36,7 @@ def main():
     t = time.time()
     synthesize(root / "data", 8, samples_per_user=100, seed=1, width=1080, height=2400)
     print(f"synthesised in {time.time() - t:.0f}s; device {torch.cuda.get_device_name()}", flush=True)
-    folder = root / "model"
-    qwen3_vl_8b_config().save_pretrained(folder)
-    save_processor(make_processor(), folder)
+    folder = make_config_folder(root / "model", qwen3_vl_8b_config())
     cfg = C.RunConfig()
     cfg.model.name_or_path, cfg.model.random_weights = str(folder), True
     cfg.data.data_root, cfg.data.users = str(root / "data"), "1-8"

@@ -22,8 +22,9 @@ from pigg.collate import sample_length
 from pigg.data import load_samples
 from pigg.evaluate import PromptCollator, generate_batch, length_batches, prompt_and_truth
 from pigg.model import load_model
-from pigg.processor import load_processor, make_processor, save_processor
+from pigg.processor import load_processor
 from pigg.synth import synthesize
+from pigg.tiny import make_config_folder
 
 
 def timed(fn, repeat=2):
@@ -40,9 +41,7 @@ def main():
     bs = int(sys.argv[1]) if len(sys.argv) > 1 else 64
     root = Path(tempfile.mkdtemp(prefix="pigg_eval_prof_"))
     synthesize(root / "data", 4, samples_per_user=2 * bs // 3, seed=1, width=1080, height=2400)
-    folder = root / "model"
-    qwen3_vl_8b_config().save_pretrained(folder)
-    save_processor(make_processor(), folder)
+    folder = make_config_folder(root / "model", qwen3_vl_8b_config())
     cfg = C.RunConfig()
     cfg.model.name_or_path, cfg.model.random_weights = str(folder), True
     cfg.data.data_root, cfg.data.users = str(root / "data"), "1-4"

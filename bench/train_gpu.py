@@ -20,8 +20,8 @@ from transformers import TrainerCallback
 
 from pigg import config as C
 from pigg.architectures import qwen3_vl_8b_config
-from pigg.processor import make_processor, save_processor
 from pigg.synth import synthesize
+from pigg.tiny import make_config_folder
 from pigg.train import train
 
 # shared/bench/seed_recipe_bench.json, H100 80GB, same 8B architecture, batch 1, accumulation 8, checkpointing
@@ -43,13 +43,6 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         torch.cuda.synchronize()
         self.times.append(time.perf_counter())
-
-
-def make_model_folder(root: Path) -> Path:
-    folder = root / "qwen3vl8b-random"
-    qwen3_vl_8b_config().save_pretrained(folder)
-    save_processor(make_processor(), folder)
-    return folder
 
 
 def run(name, model_dir, data_dir, root) -> dict:
@@ -83,7 +76,7 @@ def main():
     data_dir = root / "data"
     synthesize(data_dir, 8, samples_per_user=12, seed=0, width=1080, height=2400)
     print(f"synthesised 1080x2400 users in {time.time() - t:.1f}s", flush=True)
-    model_dir = make_model_folder(root)
+    model_dir = make_config_folder(root / "qwen3vl8b-random", qwen3_vl_8b_config())
     results = []
     for name in names:
         results.append(run(name, model_dir, data_dir, root))

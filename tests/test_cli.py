@@ -90,3 +90,18 @@ def test_train_command_end_to_end(synth_root, tiny_dir, tmp_path, monkeypatch):
     assert rc == 0
     assert (tmp_path / "global_agent_lora" / "adapter_model.safetensors").is_file()
     assert len(list((tmp_path / "logs").glob("finetune_global_lora_*.log"))) == 1
+
+
+@pytest.mark.parametrize("script", ["2_finetune_global.py", "1_vanilla_eval.py", "3_eval_checkpoint.py"])
+def test_seed_scripts_run_pigg(script, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    extra = ["--checkpoint", str(tmp_path)] if script.startswith("3_") else []
+    run = subprocess.run([sys.executable, str(repo / script), "0", *extra, "--data-root", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    expected = "not a checkpoint" if script.startswith("3_") else "data root is not a folder"
+    assert expected in run.stderr

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import tiny_run_config
 from pigg import config as C

@@ -4,7 +4,6 @@ Runs inside DataLoader workers, so image decoding and tokenisation stay off the 
 Nothing is truncated: a sample longer than `max_length` is an error that names it, because cutting
 inside an image breaks the image-token count the model checks.
 """
-import torch
 
 from pigg.data import Sample, images_of, open_image
 from pigg.masking import IGNORE_INDEX, assistant_labels, turn_tokens

@@ -56,7 +56,10 @@ def translate_eval(argv: list[str], with_checkpoint: bool) -> tuple[dict, list[s
 
 
 def _run(env: dict, pigg_argv: list[str]) -> int:
-    return _run(env, pigg_argv)
+    os.environ.update(env)  # before torch initialises CUDA
+    from pigg.cli import main
+
+    return main(pigg_argv)
 
 
 def vanilla_eval_main(argv=None) -> int:

@@ -19,3 +19,12 @@ def make_tiny_checkpoint(path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     save_processor(make_processor(), path)
     return path
+
+
+def make_config_folder(path, config) -> Path:
+    """A folder with an architecture's config.json and the processor but no weights: with
+    `model.random_weights` pigg builds it with random weights (benchmarks of the 8B model)."""
+    path = Path(path)
+    config.save_pretrained(path)
+    save_processor(make_processor(), path)
+    return path

@@ -47,7 +47,11 @@ def _train(cfg, callbacks) -> Path:
     model = prepare_model(model, cfg.train.method, cfg.lora)
     print(format_counts(parameter_counts(model)))
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 renamed it (the old name still works there, with a warning)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
 
     out.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,14 @@ def cmd_report(args) -> None:
     print(f"report written to {write_report(args.runs, args.out, labels=labels)}")
 
 
+def cmd_export(args) -> None:
+    from pigg.export import export
+
+    out = export(args.model, args.adapter or [], args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                 force=args.force)
+    print(f"exported to {out}")
+
+
 def cmd_data_validate(args) -> None:
     from pigg.data import load_samples
 
@@ -179,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="comma-separated names for the runs (default: each run's label)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("export", help="merge LoRA adapters into the base and write a complete model folder")
+    p.add_argument("--model", default=None, help="base hub id or folder (default: the first adapter's base)")
+    p.add_argument("--adapter", action="append", help="LoRA adapter folder; repeat to stack, merged in order")
+    p.add_argument("--out", required=True, help="folder to write (built beside it, renamed into place)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
+
     data = sub.add_parser("data", help="validate, summarise or synthesise user data")
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("validate", help="check every selected sample, as training would, without a model")
@@ -213,7 +230,7 @@ def main(argv=None) -> int:
 
     try:
         args.func(args)
-    except (C.ConfigError, DataError, FileExistsError, FileNotFoundError) as e:
+    except (C.ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"pigg: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -39,7 +39,7 @@ class TrainCollator:
     def __call__(self, samples: list[Sample]) -> dict:
         texts = [render(self.processor, s.messages) for s in samples]
         images = [open_image(ref) for s in samples for ref in images_of(s)]
-        batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        batch = self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
         lengths = batch["attention_mask"].sum(1).tolist()
         for s, n in zip(samples, lengths):
             if n > self.max_length:

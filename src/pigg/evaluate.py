@@ -35,12 +35,11 @@ class PromptCollator:
 
     def __init__(self, processor):
         self.processor = processor
-        processor.tokenizer.padding_side = "left"
 
     def __call__(self, items: list[tuple[Sample, str]]):
         texts = [render(self.processor, p.messages, add_generation_prompt=True) for p, _ in items]
         images = [open_image(ref) for p, _ in items for ref in images_of(p)]
-        batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        batch = self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
         return dict(batch), items
 
 

@@ -22,9 +22,11 @@ def test_seed_shim_rejects_a_bad_gpu_list():
 
 def test_defaults_are_the_seeds():
     cfg = config_from_args(build_parser().parse_args(["train"]))
-    assert (cfg.train.learning_rate, cfg.train.epochs, cfg.train.batch_size, cfg.train.grad_accum) == (1e-6, 1.0, 1, 8)
+    assert (cfg.train.learning_rate, cfg.train.epochs, cfg.train.effective_batch) == (1e-6, 1.0, 8)
     assert (cfg.train.warmup_steps, cfg.train.weight_decay, cfg.train.save_steps, cfg.train.save_total_limit) == (50, 0.01, 500, 3)
-    assert cfg.train.gradient_checkpointing and cfg.data.users == "11-83"
+    # micro-batch, accumulation and checkpointing are chosen from the GPU's memory (tests/test_batching.py)
+    assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.gradient_checkpointing) == (None, None, None)
+    assert cfg.data.users == "11-83"
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.bias) == (8, 32, 0.1, "none")
     assert cfg.model.name_or_path == "Qwen/Qwen3-VL-8B-Instruct" and cfg.model.max_pixels == 1280 * 28 * 28
 
@@ -32,11 +34,13 @@ def test_defaults_are_the_seeds():
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  learning_rate: 1.0e-4\n  grad_accum: 4\nlora:\n  r: 16\n")
-    args = build_parser().parse_args(["train", "--config", str(path), "--grad-accum", "2", "--full",
+    args = build_parser().parse_args(["train", "--config", str(path), "--grad-accum", "2", "--full", "--batch-size", "4",
+                                      "--train.gradient_checkpointing", "auto",
                                       "--lora.target_modules", "q_proj,v_proj", "--model.min_pixels", "4096"])
     cfg = config_from_args(args)
     assert (cfg.train.learning_rate, cfg.train.grad_accum, cfg.lora.r, cfg.train.method) == (1e-4, 2, 16, "full")
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.model.min_pixels == 4096
+    assert cfg.train.batch_size == 4 and cfg.train.gradient_checkpointing is None
 
 
 def test_unknown_yaml_keys_are_errors(tmp_path):

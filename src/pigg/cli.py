@@ -25,6 +25,7 @@ ALIASES = [  # short flag -> (section, field); the first one whose section the c
     ("--batch-size", "train", "batch_size"),
     ("--batch-size", "eval", "batch_size"),
     ("--grad-accum", "train", "grad_accum"),
+    ("--effective-batch", "train", "effective_batch"),
     ("--save-steps", "train", "save_steps"),
     ("--workers", "train", "dataloader_workers"),
     ("--workers", "eval", "workers"),
@@ -51,6 +52,8 @@ def _parse_value(kind, text):
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if "bool" in str(kind):  # bool | None
+        return None if text.lower() in ("none", "auto") else _parse_value(bool, text)
     if kind in (int, float, str):
         return kind(text)
     if "list" in str(kind):
@@ -71,8 +74,9 @@ def add_config_flags(parser, sections=("model", "lora", "data", "train")) -> Non
     for flag, section, name in ALIASES:
         if section in sections and flag not in taken:
             taken.add(flag)
-            parser.add_argument(flag, dest=f"{section}.{name}", default=None, metavar="V", type=type(
-                getattr(C.SECTIONS[section](), name) or ""), help=f"same as --{section}.{name}")
+            kind = next(f.type for f in dataclasses.fields(C.SECTIONS[section]) if f.name == name)
+            parser.add_argument(flag, dest=f"{section}.{name}", default=None, metavar="V", help=f"same as --{section}.{name}",
+                                type=lambda text, k=kind: _parse_value(k, text))
     for flag, (section, name, value) in SWITCHES.items():
         if section in sections:
             parser.add_argument(flag, dest=f"{section}.{name}", action="store_const", const=value,

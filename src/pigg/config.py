@@ -57,12 +57,17 @@ class TrainConfig:
     learning_rate: float = opt(1e-6, "Peak learning rate (seed: 1e-6; peers use 1e-4 for LoRA).")
     epochs: float = opt(1.0, "Passes over the training data.")
     max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run the epochs).")
-    batch_size: int = opt(1, "Samples per device per micro-batch.")
-    grad_accum: int = opt(8, "Micro-batches per optimizer step.")
+    effective_batch: int = opt(8, "Samples per optimizer step over all GPUs (seed: 8); the loss is normalised over "
+                                  "their supervised tokens.")
+    batch_size: int | None = opt(None, "Samples per GPU per micro-batch (None: the largest the GPU's memory holds; "
+                                       "1 on CPU).")
+    grad_accum: int | None = opt(None, "Micro-batches per optimizer step (None: effective_batch / (batch_size x GPUs)); "
+                                       "if given, the effective batch is batch_size x grad_accum x GPUs.")
     warmup_steps: int = opt(50, "Linear warm-up steps.")
     lr_scheduler: str = opt("linear", "Learning-rate schedule after warm-up (transformers' names).")
     weight_decay: float = opt(0.01, "AdamW weight decay.")
-    gradient_checkpointing: bool = opt(True, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool | None = opt(None, "Recompute activations in the backward pass to save memory "
+                                                    "(None: only if the micro-batch would not fit without; off on CPU).")
     logits_on_labels_only: bool = opt(True, "Compute lm_head and the loss only where a token is supervised "
                                             "(the same loss; the 151,936-way logits elsewhere are wasted work).")
     save_steps: int = opt(500, "Save a resumable checkpoint every this many optimizer steps.")
@@ -140,8 +145,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     t, d, m, lo = cfg.train, cfg.data, cfg.model, cfg.lora
     if t.method not in ("lora", "full"):
         p.append(f"train.method must be 'lora' or 'full', got {t.method!r}")
-    for name in ("batch_size", "grad_accum", "save_steps", "save_total_limit", "logging_steps"):
-        if getattr(t, name) < 1:
+    for name in ("effective_batch", "batch_size", "grad_accum", "save_steps", "save_total_limit", "logging_steps"):
+        if getattr(t, name) is not None and getattr(t, name) < 1:
             p.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if not t.learning_rate > 0:
         p.append(f"train.learning_rate must be > 0, got {t.learning_rate}")

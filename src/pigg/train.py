@@ -3,6 +3,7 @@
 Reads top to bottom; `train()` is the whole run. Uses Hugging Face's Trainer with the seed's
 arguments, so checkpoints, resumption, schedules and loss normalisation are the stock ones.
 """
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from pigg import config as C
+from pigg.batching import BatchPlan, estimate_peak, plan_batch, world_size
 from pigg.collate import TrainCollator, sample_length
 from pigg.data import load_samples
 from pigg.logs import log_path, tee_output
@@ -40,13 +42,15 @@ def _train(cfg, callbacks) -> Path:
     print_config(cfg)
     samples, sizes = load_samples(cfg.data)
     processor = load_processor(cfg.model.name_or_path, cfg.model.min_pixels, cfg.model.max_pixels)
-    check_lengths(processor, samples, sizes, cfg.data.max_length)
+    lengths = check_lengths(processor, samples, sizes, cfg.data.max_length)
 
     set_seed(cfg.train.seed)  # adapters are initialised before the Trainer would seed anything
     model = load_model(cfg.model, device())
     model = prepare_model(model, cfg.train.method, cfg.lora)
     print(format_counts(parameter_counts(model)))
-    if cfg.train.gradient_checkpointing:
+    plan = batch_plan(cfg.train, model, max(lengths))
+    print(plan.describe())
+    if plan.gradient_checkpointing:
         # transformers 5.24 renamed it (the old name still works there, with a warning)
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -59,7 +63,7 @@ def _train(cfg, callbacks) -> Path:
     trainer = GlobalTrainer(
         logits_on_labels_only=cfg.train.logits_on_labels_only,
         model=model,
-        args=training_arguments(cfg, out),
+        args=training_arguments(cfg, out, plan),
         train_dataset=samples,
         data_collator=TrainCollator(processor, cfg.data.max_length),
         callbacks=[TensorBoardCallback(tb_writer=tensorboard_writer(out)), *callbacks],
@@ -71,6 +75,7 @@ def _train(cfg, callbacks) -> Path:
     write_provenance(out / "provenance.json", base_model=cfg.model.name_or_path, method=cfg.train.method,
                      users=format_users(sorted({s.user for s in samples})), samples=len(samples),
                      samples_per_user=_per_user(samples), optimizer_steps=trainer.state.global_step,
+                     batch_plan=dataclasses.asdict(plan),
                      resumed_from=str(resume_from) if resume_from else None)
     print(f"saved {cfg.train.method} weights, processor, pigg_config.yaml and provenance.json to {out}")
     return out
@@ -92,6 +97,18 @@ def check_lengths(processor, samples, sizes, max_length: int) -> None:
         raise ValueError(f"{len(too_long)} sample(s) exceed data.max_length={max_length} (never truncated; "
                          "raise --max-length or lower --max-pixels):\n  " + "\n  ".join(too_long))
     print(f"tokens per sample: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+    return lengths
+
+
+def batch_plan(train_cfg, model, tokens_per_sample: int) -> BatchPlan:
+    """Micro-batch, accumulation and checkpointing for this run (chosen from GPU memory where not given)."""
+    memory = torch.cuda.get_device_properties(0).total_memory if device() == "cuda" else None
+    text_config = model.config.get_text_config()
+
+    def estimate(micro_batch, checkpointing):
+        return estimate_peak(model, text_config, micro_batch, tokens_per_sample, checkpointing)
+
+    return plan_batch(train_cfg, world_size(), memory, estimate)
 
 
 def _per_user(samples) -> dict:
@@ -135,7 +152,7 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-def training_arguments(cfg, out: Path) -> TrainingArguments:
+def training_arguments(cfg, out: Path, plan: BatchPlan) -> TrainingArguments:
     t = cfg.train
     on_gpu = device() == "cuda"
     bf16 = on_gpu and cfg.model.dtype in ("auto", "bfloat16")
@@ -144,8 +161,8 @@ def training_arguments(cfg, out: Path) -> TrainingArguments:
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        per_device_train_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.grad_accum,
         warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay,
@@ -167,32 +184,49 @@ def training_arguments(cfg, out: Path) -> TrainingArguments:
     )
 
 
-def supervised_loss(model, inputs: dict, num_items_in_batch=None):
-    """The causal-LM loss computed only at positions whose next token is supervised.
+def supervised_loss(model, inputs: dict, samples_in_step=None, labels_only: bool = True):
+    """The seed's loss at any micro-batch size: each sample's mean over its supervised tokens, summed
+    over the micro-batch and divided by the samples of the whole optimizer step.
 
-    Same value as the model's own loss (sum of token losses over the step's supervised tokens), but
-    the lm_head runs on ~30 positions a sample instead of ~1,100.
+    That is what the stock Trainer computes for Qwen3-VL at micro-batch 1 (the model's own token-mean
+    loss, divided by the accumulation steps); a plain token-mean over a larger micro-batch would weight
+    long answers more. With `labels_only` the lm_head runs on the ~30 supervised positions of a sample
+    instead of all ~1,100; the value is the same.
     """
     labels = inputs["labels"]
-    targets_all = labels[:, 1:]
-    keep = (targets_all != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # union over the batch's rows
+    targets = labels[:, 1:]
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    outputs = model(**model_inputs, logits_to_keep=keep, use_cache=False)
-    logits = outputs.logits.float()
-    targets = targets_all[:, keep]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-    total = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
-    return loss / total, outputs
+    if labels_only:
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # union over the micro-batch's rows
+        outputs = model(**model_inputs, logits_to_keep=keep, use_cache=False)
+        logits, targets = outputs.logits, targets[:, keep]
+    else:
+        outputs = model(**model_inputs, use_cache=False)
+        logits = outputs.logits[:, :-1]
+    token_loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets,
+                                                   ignore_index=IGNORE_INDEX, reduction="none")
+    per_sample = token_loss.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
+    return per_sample.sum() / (samples_in_step if samples_in_step is not None else len(per_sample)), outputs
 
 
 class GlobalTrainer(Trainer):
-    """The stock Trainer, plus the supervised-token count of each optimizer step in its logs and
-    (by default) a loss computed only where tokens are supervised."""
+    """The stock Trainer with the seed's loss normalisation at any micro-batch size (see
+    `supervised_loss`), the supervised-token count of each optimizer step in its logs and (by
+    default) logits only where tokens are supervised."""
 
     def __init__(self, *args, logits_on_labels_only: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.logits_on_labels_only = logits_on_labels_only
+        # The loss below is already normalised over the step: the Trainer must not divide it again.
+        self.model_accepts_loss_kwargs = True
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step, and how many samples they hold over all processes."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        samples = torch.tensor(sum(len(b["labels"]) for b in batches), device=device)
+        if self.args.world_size > 1:
+            samples = self.accelerator.gather(samples).sum()
+        return batches, samples
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Accumulate on the device: no host sync per micro-batch.
@@ -201,9 +235,9 @@ class GlobalTrainer(Trainer):
             self._supervised, self._window_start = count, self.state.global_step
         else:
             self._supervised = self._supervised + count
-        if not self.logits_on_labels_only:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = supervised_loss(model, inputs, num_items_in_batch)
+        loss, outputs = supervised_loss(model, inputs, num_items_in_batch, self.logits_on_labels_only)
+        if self.args.world_size > 1 and num_items_in_batch is not None:
+            loss = loss * self.args.world_size  # DDP averages gradients over processes; the step's sum is wanted
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):

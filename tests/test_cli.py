@@ -6,10 +6,11 @@ from pigg.seed_cli import translate_finetune_global
 
 
 @pytest.mark.parametrize("argv, env, expected", [
-    (["0", "--lora"], "0", ["train", "--lora"]),
-    (["0,1"], "0,1", ["train", "--full"]),
-    (["2", "--lora", "--u", "11", "50"], "2", ["train", "--lora", "--users", "11-50"]),
-    (["0", "--u", "1", "3", "9", "--data-root", "/d"], "0", ["train", "--full", "--users", "1,3,9", "--data-root", "/d"]),
+    (["0", "--lora"], "0", ["train", "--lora", "--gpus", "0"]),
+    (["0,1"], "0,1", ["train", "--full", "--gpus", "0,1"]),
+    (["2", "--lora", "--u", "11", "50"], "2", ["train", "--lora", "--gpus", "2", "--users", "11-50"]),
+    (["0", "--u", "1", "3", "9", "--data-root", "/d"], "0",
+     ["train", "--full", "--gpus", "0", "--users", "1,3,9", "--data-root", "/d"]),
 ])
 def test_seed_shim_translates_its_arguments(argv, env, expected):
     assert translate_finetune_global(argv) == ({"CUDA_VISIBLE_DEVICES": env}, expected)

@@ -93,9 +93,10 @@ def test_eval_command_on_a_trained_adapter(tiny_dir, synth_root, tmp_path, monke
 
 
 @pytest.mark.parametrize("argv, checkpoint, expected", [
-    (["0", "--u", "1", "10"], False, ["eval", "--users", "1-10"]),
-    (["1"], False, ["eval", "--users", "1-10"]),
-    (["0", "--checkpoint", "/ck", "--u", "2", "4", "7"], True, ["eval", "--users", "2,4,7", "--checkpoint", "/ck"]),
+    (["0", "--u", "1", "10"], False, ["eval", "--gpus", "0", "--users", "1-10"]),
+    (["1"], False, ["eval", "--gpus", "1", "--users", "1-10"]),
+    (["0", "--checkpoint", "/ck", "--u", "2", "4", "7"], True,
+     ["eval", "--gpus", "0", "--users", "2,4,7", "--checkpoint", "/ck"]),
 ])
 def test_seed_eval_shims(argv, checkpoint, expected):
     env, out = translate_eval(argv, with_checkpoint=checkpoint)

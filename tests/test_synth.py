@@ -271,3 +271,12 @@ def test_bad_users_are_rejected(tmp_path):
     for users in (0, [1, 1], ["a"], [True]):
         with pytest.raises(ValueError):
             synth.synthesize(tmp_path, users)
+
+
+def test_counts_per_user(tmp_path):
+    synth.synthesize(tmp_path, [1, 2], samples_per_user={1: 4, 2: 40}, width=WIDTH, height=HEIGHT)
+    info = json.loads((tmp_path / "users.json").read_text())
+    assert 3 <= info["1"]["samples"] <= 5 and 30 <= info["2"]["samples"] <= 50
+    assert len(load(tmp_path / "user_2.pkl")) == info["2"]["samples"]
+    with pytest.raises(ValueError, match="names users"):
+        synth.synthesize(tmp_path, [1, 2], samples_per_user={1: 4})

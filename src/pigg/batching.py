@@ -2,20 +2,20 @@
 
 The seed trains 8 samples per optimizer step (batch 1, accumulation 8). pigg keeps that effective
 batch and, unless told otherwise, picks the largest micro-batch the GPU's memory holds: larger
-micro-batches keep the GPU busy, and the Trainer normalises the loss over the supervised tokens
-of the whole optimizer step, so the mathematics do not change (tests/test_batching.py).
+micro-batches keep the GPU busy, and pigg's loss keeps the seed's normalisation (each sample's token
+mean, averaged over the optimizer step), so the mathematics do not change (tests/test_batching.py).
 
 The memory model is deliberately simple and calibrated on measurements of the 8B model on an H100
-(bench/results/train_gpu.json): weights and optimizer state from the parameters themselves, and
-activations proportional to tokens x layers x hidden size.
+(bench/results/train_throughput_h100_part*.json): weights and optimizer state from the parameters
+themselves, and activations proportional to tokens x layers x hidden size.
 """
 import os
 from dataclasses import dataclass
 
 GiB = 1024 ** 3
-# Activation bytes per token, per layer, per hidden unit. Without checkpointing: measured 56.6 GiB
-# peak for LoRA micro-batch 4 x 1,054 tokens (16.7 GiB of weights and adapter state); with
-# checkpointing: 17.6 GiB at micro-batch 1. Rounded up for safety.
+# Activation bytes per token, per layer, per hidden unit. Without checkpointing: 52.7-56.6 GiB peak
+# for LoRA micro-batch 4 x 1,054 tokens (16.7 GiB of weights and adapter state); with checkpointing:
+# 17.6 GiB at micro-batch 1. Rounded up for safety.
 ACTIVATION_BYTES = {False: 72, True: 8}
 HEADROOM = 2 * GiB  # CUDA context, allocator fragmentation, the frozen vision forward
 USABLE = 0.92  # of the device's memory
@@ -43,22 +43,25 @@ def world_size(env=os.environ) -> int:
     return int(env.get("WORLD_SIZE", "1"))
 
 
-def static_bytes(model) -> int:
-    """Weights, plus gradients and AdamW's two moments for every trainable parameter."""
+def static_bytes(model, shards: int = 1) -> int:
+    """Weights, plus gradients and AdamW's two moments for every trainable parameter; FSDP keeps
+    1/`shards` of each on a GPU."""
     total = 0
     for p in model.parameters():
         total += p.numel() * p.element_size()
         if p.requires_grad:
             total += 3 * p.numel() * p.element_size()
-    return total
+    return total // shards
 
 
 def activation_bytes(text_config, tokens: int, checkpointing: bool) -> int:
     return ACTIVATION_BYTES[checkpointing] * tokens * text_config.num_hidden_layers * text_config.hidden_size
 
 
-def estimate_peak(model, text_config, micro_batch: int, tokens_per_sample: int, checkpointing: bool) -> int:
-    return static_bytes(model) + HEADROOM + activation_bytes(text_config, micro_batch * tokens_per_sample, checkpointing)
+def estimate_peak(model, text_config, micro_batch: int, tokens_per_sample: int, checkpointing: bool,
+                  shards: int = 1) -> int:
+    return (static_bytes(model, shards) + HEADROOM
+            + activation_bytes(text_config, micro_batch * tokens_per_sample, checkpointing))
 
 
 def plan_batch(train_cfg, world: int, device_memory: int | None, estimate=None) -> BatchPlan:

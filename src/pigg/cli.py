@@ -35,6 +35,10 @@ ALIASES = [  # short flag -> (section, field); the first one whose section the c
     ("--out", "eval", "out"),
     ("--label", "eval", "label"),
     ("--max-new-tokens", "eval", "max_new_tokens"),
+    ("--base", "personalize", "base"),
+    ("--folds", "personalize", "folds"),
+    ("--fold", "personalize", "fold"),
+    ("--split", "personalize", "split"),
 ]
 SWITCHES = {  # flag -> (section, field, value)
     "--lora": ("train", "method", "lora"),
@@ -97,18 +101,53 @@ def config_from_args(args, defaults: dict | None = None) -> C.RunConfig:
 
 
 def single_gpu_guard(env=os.environ) -> None:
-    """Several visible GPUs without a distributed launcher would make the Trainer fall back to
-    nn.DataParallel; until pigg launches data-parallel runs itself, train on the first GPU only."""
+    """Several visible GPUs without a launcher or --gpus would make the Trainer fall back to
+    nn.DataParallel (one process driving every GPU in turn); use the first GPU and say how to use all."""
     visible = env.get("CUDA_VISIBLE_DEVICES", "")
     if "," in visible and "WORLD_SIZE" not in env:
         first = visible.split(",")[0]
-        print(f"WARNING: GPUs {visible} requested; pigg does not launch data-parallel training yet, "
-              f"so this run uses GPU {first} only. Launch with torchrun for DDP.")
+        print(f"WARNING: GPUs {visible} are visible but no --gpus was given, so this run uses GPU {first} only; "
+              f"pass --gpus {visible} for data-parallel work on all of them.")
         env["CUDA_VISIBLE_DEVICES"] = first
 
 
+def add_launch_flags(parser) -> None:
+    group = parser.add_argument_group("processes (data parallelism; see README, 'Several GPUs')")
+    group.add_argument("--gpus", default=None, metavar="LIST",
+                       help="GPUs to use, e.g. 0 or 0,1,2,3 (sets CUDA_VISIBLE_DEVICES); with several, one process "
+                            "per GPU is started through torch.distributed.run")
+    group.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="N processes on the CPU (gloo), for tests and machines without GPUs")
+    group.add_argument("--nnodes", type=int, default=1, metavar="N",
+                       help="machines taking part; run the same command on each (needs --rdzv-endpoint)")
+    group.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                       help="multi-node rendezvous: the first node's address and a free port, the same on every node")
+    group.add_argument("--rdzv-id", default="pigg", metavar="ID", help="multi-node job id, the same on every node")
+
+
+def without_launch_flags(argv: list[str]) -> list[str]:
+    """`argv` for the launched processes: the launcher has acted on the launch flags already (and
+    torchrun's own parser would trip over `--nproc`, a prefix of its `--nproc-per-node`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_launch_flags(parser)
+    return parser.parse_known_args(argv)[1]
+
+
+def start_processes(args) -> None:
+    """Relaunch through torch.distributed.run when several processes are asked for (never returns
+    then); otherwise pick the visible devices for this process. Before torch touches CUDA."""
+    from pigg.distributed import Launch, launch_environment, launcher_command, relaunch, select_gpus
+
+    launch = Launch(args.gpus, args.nproc, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+    cmd = launcher_command(without_launch_flags(args.argv), launch)
+    if cmd:
+        relaunch(cmd, launch_environment(launch))
+    select_gpus(launch)
+    single_gpu_guard()
+
+
 def cmd_train(args) -> None:
-    single_gpu_guard()  # before torch touches CUDA
+    start_processes(args)
     from pigg.train import train
 
     train(config_from_args(args))
@@ -118,10 +157,19 @@ EVAL_DEFAULTS = {"data": {"users": "1-10"}}
 
 
 def cmd_eval(args) -> None:
-    single_gpu_guard()
+    start_processes(args)
     from pigg.evaluate import run_eval
 
     run_eval(config_from_args(args, EVAL_DEFAULTS))
+
+
+def cmd_personalize(args) -> None:
+    single_gpu_guard()
+    from pigg.personalize import PERSONALIZE_DEFAULTS, global_defaults, personalize
+
+    # precedence: seed defaults < personalization defaults < the global run's model settings < YAML < flags
+    base = config_from_args(args, PERSONALIZE_DEFAULTS).personalize.base
+    personalize(config_from_args(args, {**PERSONALIZE_DEFAULTS, **global_defaults(base)}))
 
 
 def cmd_report(args) -> None:
@@ -179,11 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="global fine-tuning (LoRA or full) on pooled users")
     add_config_flags(p)
+    add_launch_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model (zero-shot, or with --adapter / --checkpoint) on held-out users")
     add_config_flags(p, ("model", "data", "eval"))
+    add_launch_flags(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("personalize", help="per-user K-fold fine-tuning from a global output, evaluated against "
+                                           "the zero-shot and global models")
+    add_config_flags(p, ("model", "lora", "data", "train", "eval", "personalize"))
+    p.set_defaults(func=cmd_personalize)
 
     p = sub.add_parser("report", help="one self-contained HTML page comparing evaluation runs")
     p.add_argument("runs", nargs="+", help="evaluation folders (each with metrics.json and predictions/)")
@@ -229,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what a relaunch under torch.distributed.run repeats
     from pigg.data import DataError
 
     try:

@@ -4,6 +4,11 @@ One `evaluate()` serves the zero-shot, global and personalized models. Prompts a
 length and generated in left-padded batches (decoder-only generation continues from the last
 position, so padding must sit on the left). Predictions are appended to per-user JSONL files as
 batches finish, so an interrupted evaluation resumes without redoing finished samples.
+
+With several processes (`pigg eval --gpus 0,1`) every rank forms the same length-sorted batches and
+takes every world-th one (the same batches, hence the same answers, as one process), writes its
+predictions under `predictions/rank{r}/`, and rank 0 gathers them into the per-user files and writes
+metrics.json once all ranks are done.
 """
 import json
 import os
@@ -15,6 +20,7 @@ from torch.utils.data import DataLoader
 from pigg import config as C
 from pigg.collate import render, sample_length
 from pigg.data import Sample, images_of, load_samples, open_image
+from pigg.distributed import barrier, end_process_group, is_main, rank, start_process_group, world_size
 import pigg.metrics as M
 
 
@@ -50,20 +56,55 @@ def length_batches(prompts: list[tuple[Sample, str]], lengths: list[int], batch_
 
 
 def read_done(pred_dir: Path) -> dict[int, list[dict]]:
-    """Records already written; a line cut short by an interruption is dropped and the file repaired."""
+    """Records already written; a line cut short by an interruption (or repeated by one while gathering
+    ranks' files) is dropped and the file repaired. A clean file is only read."""
     done = {}
     for path in sorted(pred_dir.glob("user_*.jsonl")):
-        records, good = [], []
-        for line in path.read_text().splitlines():
+        records, good, seen = [], [], set()
+        lines = path.read_text().splitlines()
+        for line in lines:
             try:
-                records.append(json.loads(line))
-                good.append(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
                 print(f"WARNING: {path}: dropping a line cut short by an interruption")
-        path.write_text("".join(g + "\n" for g in good))
+                continue
+            if record["index"] not in seen:
+                seen.add(record["index"])
+                records.append(record)
+                good.append(line)
+        if len(good) != len(lines):
+            path.write_text("".join(g + "\n" for g in good))
         if records:
             done[records[0]["user"]] = records
     return done
+
+
+def share_dir(pred_dir: Path, rank: int) -> Path:
+    """Where one rank of a data-parallel evaluation appends its predictions (no file has two writers)."""
+    return pred_dir / f"rank{rank}"
+
+
+def gather_shares(pred_dir: Path) -> None:
+    """Append the ranks' prediction files to the per-user files and remove them (rank 0 only)."""
+    for part in sorted(pred_dir.glob("rank*/user_*.jsonl")):
+        good = []
+        for line in part.read_text().splitlines():
+            try:
+                json.loads(line)
+                good.append(line)
+            except json.JSONDecodeError:
+                print(f"WARNING: {part}: dropping a line cut short by an interruption")
+        with open(pred_dir / part.name, "a") as f:
+            f.write("".join(g + "\n" for g in good))
+        part.unlink()  # a crash between the append and here repeats lines, which read_done drops
+    for folder in pred_dir.glob("rank*"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def by_index(done: dict[int, list[dict]]) -> dict[int, list[dict]]:
+    """Each user's records in sample order: metrics must not depend on which batch or rank finished first."""
+    return {user: sorted(records, key=lambda r: r["index"]) for user, records in done.items()}
 
 
 @torch.inference_mode()
@@ -84,20 +125,38 @@ def generate_batch(model, processor, batch: dict, max_new_tokens: int, min_new_t
 def evaluate(model, processor, samples: list[Sample], sizes: dict, out_dir, batch_size: int = 32,
              max_new_tokens: int = 128, workers: int = 4, meta: dict | None = None,
              min_new_tokens: int = 0) -> dict:
-    """Generate, score and write predictions and metrics for `samples`; return the metrics.
+    """Generate, score and write predictions and metrics for `samples`; return the metrics. Under a
+    launcher each process takes a share (see the module's docstring).
 
     `min_new_tokens` exists for benchmarks, which need the same work per sample from random weights.
     """
-    out_dir = Path(out_dir)
+    made_group = start_process_group()  # for the barriers, unless training made one already
+    try:
+        return _evaluate(model, processor, samples, sizes, Path(out_dir), batch_size, max_new_tokens, workers, meta,
+                         min_new_tokens)
+    finally:
+        end_process_group(made_group)
+
+
+def _evaluate(model, processor, samples, sizes, out_dir: Path, batch_size, max_new_tokens, workers, meta,
+              min_new_tokens) -> dict:
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
+    if is_main():  # repair and gather what an interrupted run left, before any rank reads or writes
+        gather_shares(pred_dir)
+        read_done(pred_dir)
+    barrier()
     done = read_done(pred_dir)
     finished = {(r["user"], r["index"]) for records in done.values() for r in records}
     prompts = [prompt_and_truth(s) for s in samples if (s.user, s.index) not in finished]
     if finished:
         print(f"eval: {len(finished)} samples already done in {pred_dir}, {len(prompts)} to go")
     lengths = [sample_length(processor, p, sizes)[0] for p, _ in prompts]
-    batches = length_batches(prompts, lengths, batch_size)
+    # Every rank forms the same batches and takes every world-th: shares of similar cost, and the same
+    # batches (so the same left padding and answers) as one process.
+    batches = length_batches(prompts, lengths, batch_size)[rank()::world_size()]
+    write_dir = pred_dir if world_size() == 1 else share_dir(pred_dir, rank())
+    write_dir.mkdir(exist_ok=True)
     # Each worker prepares whole batches; with several workers the next batches are ready while the
     # GPU generates (the processor takes ~45 ms a phone screenshot).
     loader = DataLoader(batches, batch_size=None, collate_fn=PromptCollator(processor), num_workers=workers,
@@ -105,18 +164,22 @@ def evaluate(model, processor, samples: list[Sample], sizes: dict, out_dir, batc
     from tqdm.auto import tqdm
 
     model.eval()
-    with tqdm(total=len(prompts), desc="eval", unit="sample") as bar:
+    with tqdm(total=sum(len(b) for b in batches), desc="eval", unit="sample", disable=not is_main()) as bar:
         for batch, items in loader:
             answers = generate_batch(model, processor, batch, max_new_tokens, min_new_tokens)
             for (prompt, truth), raw in zip(items, answers):
                 record = prediction_record(prompt, truth, raw)
-                with open(pred_dir / f"user_{prompt.user}.jsonl", "a") as f:
+                with open(write_dir / f"user_{prompt.user}.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                done.setdefault(prompt.user, []).append(record)
             bar.update(len(items))
-    metrics = {**(meta or {}), "max_new_tokens": max_new_tokens, **M.aggregate(done)}
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    return metrics
+    barrier()  # every rank's predictions are on disk
+    if is_main():
+        gather_shares(pred_dir)
+        done = by_index(read_done(pred_dir))
+        metrics = {**(meta or {}), "max_new_tokens": max_new_tokens, **M.aggregate(done)}
+        write_json_atomic(out_dir / "metrics.json", metrics)
+    barrier()  # metrics.json is written
+    return metrics if is_main() else json.loads((out_dir / "metrics.json").read_text())
 
 
 def prediction_record(prompt: Sample, truth: str, raw: str) -> dict:
@@ -164,12 +227,24 @@ def default_label(cfg: C.RunConfig) -> str:
 
 
 def run_eval(cfg: C.RunConfig) -> dict:
-    """`pigg eval`: validate the data, load the model (zero-shot or with a checkpoint), evaluate."""
+    """`pigg eval`: validate the data, load the model (zero-shot or with a checkpoint), evaluate; with
+    several processes each takes a share and rank 0 speaks for all."""
+    from pigg.distributed import use_local_gpu
+    from pigg.logs import quiet_stdout
+
+    C.validate(cfg)
+    use_local_gpu()
+    if is_main():
+        return _run_eval(cfg)
+    with quiet_stdout():
+        return _run_eval(cfg)
+
+
+def _run_eval(cfg: C.RunConfig) -> dict:
     from pigg.model import load_for_inference, resolve_checkpoint
     from pigg.processor import load_processor
     from pigg.train import device
 
-    C.validate(cfg)
     e = cfg.eval
     explicit_model = cfg.model.name_or_path if cfg.model.name_or_path != C.ModelConfig().name_or_path else None
     cfg.model.name_or_path, adapter = resolve_checkpoint(explicit_model, e.adapter, e.checkpoint)
@@ -182,7 +257,8 @@ def run_eval(cfg: C.RunConfig) -> dict:
     processor = load_processor(processor_source, cfg.model.min_pixels, cfg.model.max_pixels)
     model = load_for_inference(cfg.model, adapter, device())
     out.mkdir(parents=True, exist_ok=True)
-    C.save_yaml(cfg, out / "eval_config.yaml")
+    if is_main():
+        C.save_yaml(cfg, out / "eval_config.yaml")
     meta = dict(label=label, model=cfg.model.name_or_path, adapter=adapter, users=cfg.data.users)
     metrics = evaluate(model, processor, samples, sizes, out, e.batch_size, e.max_new_tokens, e.workers, meta)
     print(format_metrics(metrics))

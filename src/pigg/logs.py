@@ -41,3 +41,17 @@ def tee_output(path):
             yield path
         finally:
             sys.stdout, sys.stderr = old
+
+
+@contextmanager
+def quiet_stdout():
+    """Drop what is printed for the duration of the block (stderr, with warnings and errors, stays)."""
+    import os
+
+    with open(os.devnull, "w") as devnull:
+        old = sys.stdout
+        sys.stdout = devnull
+        try:
+            yield
+        finally:
+            sys.stdout = old

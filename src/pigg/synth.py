@@ -576,11 +576,16 @@ def _user_ids(users) -> list:
     return ids
 
 
-def synthesize(out_dir, users, samples_per_user: int = 40, seed: int = 0, width: int = 360, height: int = 800,
+def synthesize(out_dir, users, samples_per_user: int | dict = 40, seed: int = 0, width: int = 360, height: int = 800,
                habit_fraction: float = 0.5) -> list:
-    """Write `user_{id}.pkl`, `images/user_{id}/*.png` and `users.json` under out_dir; return the pickle paths."""
+    """Write `user_{id}.pkl`, `images/user_{id}/*.png` and `users.json` under out_dir; return the pickle paths.
+
+    `samples_per_user` is a count for every user or {user: count}; each user gets that count +-25%."""
     ids = _user_ids(users)
-    if samples_per_user < 1 or width < 120 or height < 240 or not 0 <= habit_fraction <= 1:
+    counts = samples_per_user if isinstance(samples_per_user, dict) else dict.fromkeys(ids, samples_per_user)
+    if set(counts) != set(ids):
+        raise ValueError(f"samples_per_user names users {sorted(counts)}, not the users {ids}")
+    if min(counts.values()) < 1 or width < 120 or height < 240 or not 0 <= habit_fraction <= 1:
         raise ValueError(f"need samples_per_user >= 1, width >= 120, height >= 240, 0 <= habit_fraction <= 1; got "
                          f"{samples_per_user}, {width}, {height}, {habit_fraction}")
     out_dir = Path(out_dir)
@@ -589,8 +594,8 @@ def synthesize(out_dir, users, samples_per_user: int = 40, seed: int = 0, width:
     paths, summary = [], {}
     for user in ids:
         profile = make_profile(seed, user, user in habit_users)
-        spread = samples_per_user // 4
-        n = max(1, samples_per_user + user_rng(seed, user, "count").randint(-spread, spread))
+        spread = counts[user] // 4
+        n = max(1, counts[user] + user_rng(seed, user, "count").randint(-spread, spread))
         samples, app_counts = synthesize_user(out_dir, profile, n, seed, width, height)
         path = out_dir / f"user_{user}.pkl"
         with open(path, "wb") as f:

@@ -16,7 +16,9 @@ from pigg import config as C
 from pigg.batching import BatchPlan, estimate_peak, plan_batch, world_size
 from pigg.collate import TrainCollator, sample_length
 from pigg.data import load_samples
-from pigg.logs import log_path, tee_output
+from pigg.distributed import (describe, is_main, load_optimizer_across_layouts, load_weights_across_layouts, strategy,
+                              trainer_arguments, use_local_gpu, written_with_fsdp)
+from pigg.logs import log_path, quiet_stdout, tee_output
 from pigg.masking import IGNORE_INDEX
 from pigg.model import format_counts, load_model, parameter_counts, prepare_model
 from pigg.processor import load_processor, save_processor
@@ -31,6 +33,10 @@ def device() -> str:
 def train(cfg: C.RunConfig, callbacks=()) -> Path:
     """Run global fine-tuning; return the output folder."""
     C.validate(cfg)
+    use_local_gpu()
+    if not is_main():  # with several processes rank 0 speaks for all; the others' errors still reach stderr
+        with quiet_stdout():
+            return _train(cfg, list(callbacks))
     with tee_output(log_path(cfg.train.log_dir, f"finetune_global_{cfg.train.method}")) as log_file:
         print(f"pigg train: log file {log_file}")
         return _train(cfg, list(callbacks))
@@ -48,29 +54,14 @@ def _train(cfg, callbacks) -> Path:
     model = load_model(cfg.model, device())
     model = prepare_model(model, cfg.train.method, cfg.lora)
     print(format_counts(parameter_counts(model)))
-    plan = batch_plan(cfg.train, model, max(lengths))
-    print(plan.describe())
-    if plan.gradient_checkpointing:
-        # transformers 5.24 renamed it (the old name still works there, with a warning)
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-
     out.mkdir(parents=True, exist_ok=True)
-    C.save_yaml(cfg, out / "pigg_config.yaml")
-    trainer = GlobalTrainer(
-        logits_on_labels_only=cfg.train.logits_on_labels_only,
-        model=model,
-        args=training_arguments(cfg, out, plan),
-        train_dataset=samples,
-        data_collator=TrainCollator(processor, cfg.data.max_length),
-        callbacks=[TensorBoardCallback(tb_writer=tensorboard_writer(out)), *callbacks],
-    )
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if is_main():
+        C.save_yaml(cfg, out / "pigg_config.yaml")
+    trainer, plan = fit(model, processor, samples, max(lengths), cfg, out, resume_from, callbacks)
 
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # on every process: FSDP gathers the shards into rank 0's one file
+    if not is_main():
+        return out
     save_processor(processor, out)
     write_provenance(out / "provenance.json", base_model=cfg.model.name_or_path, method=cfg.train.method,
                      users=format_users(sorted({s.user for s in samples})), samples=len(samples),
@@ -79,6 +70,62 @@ def _train(cfg, callbacks) -> Path:
                      resumed_from=str(resume_from) if resume_from else None)
     print(f"saved {cfg.train.method} weights, processor, pigg_config.yaml and provenance.json to {out}")
     return out
+
+
+def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resume_from=None, callbacks=()):
+    """Train a prepared model on `samples` with the run's batch plan; checkpoints and TensorBoard
+    events go under `out`. Returns the Trainer and the plan."""
+    if use_liger(cfg.train.liger_kernel):
+        apply_liger(model)
+    plan = batch_plan(cfg.train, model, tokens_per_sample)
+    print(plan.describe())
+    if plan.gradient_checkpointing:
+        # transformers 5.24 renamed it (the old name still works there, with a warning)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    trainer = GlobalTrainer(
+        logits_on_labels_only=cfg.train.logits_on_labels_only,
+        model=model,
+        args=training_arguments(cfg, out, plan, model),
+        train_dataset=samples,
+        data_collator=TrainCollator(processor, cfg.data.max_length),
+        callbacks=[*([TensorBoardCallback(tb_writer=tensorboard_writer(out))] if is_main() else []), *callbacks],
+    )
+    print_processes(trainer, cfg.train, model)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return trainer, plan
+
+
+def print_processes(trainer, train_cfg, model) -> None:
+    how = strategy(train_cfg, world_size())
+    if how == "fsdp" and not trainer.is_fsdp_enabled:
+        print("note: accelerate applies FSDP on GPUs only, so these CPU processes run DDP")
+        how = "ddp"
+    print(f"processes: {describe(how, world_size(), model)}")
+
+
+def use_liger(setting: bool | None) -> bool:
+    import importlib.util
+
+    available = device() == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    if setting and not available:
+        raise C.ConfigError("train.liger_kernel needs a CUDA GPU and the liger-kernel package "
+                            "(pip install 'pigg[fast]')")
+    return available if setting is None else setting
+
+
+def apply_liger(model) -> None:
+    """Liger's Triton RMSNorm and RoPE in place of transformers' (the same functions, fused). Its fused
+    linear cross-entropy stays off: pigg computes logits only at the supervised positions already."""
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, cross_entropy=False, fused_linear_cross_entropy=False,
+                                   model=base)
+    print("Liger kernels: RMSNorm and RoPE")
 
 
 def print_config(cfg) -> None:
@@ -102,11 +149,12 @@ def check_lengths(processor, samples, sizes, max_length: int) -> None:
 
 def batch_plan(train_cfg, model, tokens_per_sample: int) -> BatchPlan:
     """Micro-batch, accumulation and checkpointing for this run (chosen from GPU memory where not given)."""
-    memory = torch.cuda.get_device_properties(0).total_memory if device() == "cuda" else None
+    memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if device() == "cuda" else None
     text_config = model.config.get_text_config()
+    shards = world_size() if strategy(train_cfg, world_size()) == "fsdp" else 1
 
     def estimate(micro_batch, checkpointing):
-        return estimate_peak(model, text_config, micro_batch, tokens_per_sample, checkpointing)
+        return estimate_peak(model, text_config, micro_batch, tokens_per_sample, checkpointing, shards)
 
     return plan_batch(train_cfg, world_size(), memory, estimate)
 
@@ -127,7 +175,7 @@ def checkpoint_to_resume(out: Path, resume: bool) -> Path | None:
                               "or choose another --output-dir")
     complete = [p for p in found if _complete(p)]
     for p in found:
-        if p not in complete:
+        if p not in complete and is_main():  # one process removes it; the others only skip it
             print(f"WARNING: {p} is incomplete (interrupted while saving); removing it")
             shutil.rmtree(p)
     if resume and not complete:
@@ -152,10 +200,13 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
 
-def training_arguments(cfg, out: Path, plan: BatchPlan) -> TrainingArguments:
+def training_arguments(cfg, out: Path, plan: BatchPlan, model=None) -> TrainingArguments:
     t = cfg.train
     on_gpu = device() == "cuda"
-    bf16 = on_gpu and cfg.model.dtype in ("auto", "bfloat16")
+    # Under FSDP accelerate's bf16 mode would upcast the trained weights to fp32 master copies (16 bytes
+    # per parameter with AdamW: 66 GB per GPU for the 8B on 2 GPUs); without it FSDP trains the bf16
+    # weights as one GPU does, so 1 and N GPUs run the same recipe.
+    bf16 = on_gpu and cfg.model.dtype in ("auto", "bfloat16") and strategy(t, world_size()) != "fsdp"
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         learning_rate=t.learning_rate,
@@ -175,12 +226,16 @@ def training_arguments(cfg, out: Path, plan: BatchPlan) -> TrainingArguments:
         logging_steps=t.logging_steps,
         logging_first_step=True,
         report_to="none",
+        optim=t.optimizer,
+        torch_compile=t.torch_compile,
         dataloader_num_workers=t.dataloader_workers,
+        dataloader_prefetch_factor=4 if t.dataloader_workers else None,
         dataloader_pin_memory=on_gpu,
         dataloader_persistent_workers=t.dataloader_workers > 0,
         remove_unused_columns=False,
         seed=t.seed,
         data_seed=t.seed,
+        **trainer_arguments(strategy(t, world_size()), model),  # DDP or FSDP with several processes
     )
 
 
@@ -211,8 +266,9 @@ def supervised_loss(model, inputs: dict, samples_in_step=None, labels_only: bool
 
 class GlobalTrainer(Trainer):
     """The stock Trainer with the seed's loss normalisation at any micro-batch size (see
-    `supervised_loss`), the supervised-token count of each optimizer step in its logs and (by
-    default) logits only where tokens are supervised."""
+    `supervised_loss`), the supervised-token count of each optimizer step in its logs, (by
+    default) logits only where tokens are supervised, and resumption of a checkpoint written with or
+    without FSDP by a run with the other (a different number of GPUs)."""
 
     def __init__(self, *args, logits_on_labels_only: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -237,12 +293,47 @@ class GlobalTrainer(Trainer):
             self._supervised = self._supervised + count
         loss, outputs = supervised_loss(model, inputs, num_items_in_batch, self.logits_on_labels_only)
         if self.args.world_size > 1 and num_items_in_batch is not None:
-            loss = loss * self.args.world_size  # DDP averages gradients over processes; the step's sum is wanted
+            # DDP and FSDP average the gradients over processes; the sum over the step's samples is wanted
+            loss = loss * self.args.world_size
         return (loss, outputs) if return_outputs else loss
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        written = written_with_fsdp(resume_from_checkpoint)
+        if written == self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        print(f"{resume_from_checkpoint} was written {'with' if written else 'without'} FSDP and this run "
+              f"{'uses' if self.is_fsdp_enabled else 'does not use'} it: converting weights and optimizer state")
+        load_weights_across_layouts(model or self.model, resume_from_checkpoint, into_fsdp=self.is_fsdp_enabled)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        if written_with_fsdp(checkpoint) != self.is_fsdp_enabled:
+            load_optimizer_across_layouts(self.model, self.optimizer, checkpoint, into_fsdp=self.is_fsdp_enabled)
+        elif self.args.world_size > 1 and self.args.device.type == "cpu" and not self.is_fsdp_enabled:
+            # the Trainer would map the state onto accelerate's device "cpu:RANK", which torch.load cannot restore
+            self.optimizer.load_state_dict(torch.load(Path(checkpoint) / "optimizer.pt", map_location="cpu",
+                                                      weights_only=True))
+        else:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+
     def log(self, logs, *args, **kwargs):
+        # Called on every process (the loss is gathered just before), so the count can be summed over them.
         if "loss" in logs and getattr(self, "_supervised", None) is not None:
             steps = max(1, self.state.global_step - self._window_start)
-            logs["supervised_tokens_per_step"] = round(float(self._supervised) / steps, 1)
+            supervised = self._supervised
+            if self.args.world_size > 1:
+                supervised = self.accelerator.reduce(supervised, reduction="sum")
+            logs["supervised_tokens_per_step"] = round(float(supervised) / steps, 1)
             self._supervised = None
+            if torch.cuda.is_available():
+                logs["peak_gpu_gib"] = self._peak_gpu_gib()
         super().log(logs, *args, **kwargs)
+
+    def _peak_gpu_gib(self) -> float:
+        """The most GPU memory any process has held so far (what decides out-of-memory)."""
+        peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=self.args.device)
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        return round(peak.item(), 1)

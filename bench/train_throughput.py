@@ -1,0 +1,236 @@
+"""Training throughput on one GPU: the seed recipe, pigg's default, each lever on its own, a peer.
+
+Every pigg variant runs `pigg.train.train()` end to end on the real Qwen3-VL-8B architecture with
+random weights and synthetic 1080x2400 phone screenshots (~1,054 tokens a sample): data
+validation, processor, freezing, LoRA or full FT, the Trainer, DataLoader workers. A variant is the
+seed recipe with one setting changed, so each lever is measured on its own; `pigg_default` is pigg
+with no settings given. The seed recipe and pigg's default run 16 optimizer steps on the same samples
+and seed, so their loss curves can be compared; the others 6. The first step is warm-up, not timed.
+
+The peer is TRL's SFTTrainer (bring its wheel) on the same model, samples and LoRA configuration,
+configured as well as TRL allows (micro-batch 4 without checkpointing, 8 workers, Liger), as in
+shared/bench/trl_peer_bench.py. `input_pipeline` times decode + resize + tokenize + collate alone.
+
+    PYTHONPATH=src python bench/train_throughput.py [variant ...]   # writes $OUT/train_throughput.json
+"""
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from pigg import config as C
+from pigg.architectures import qwen3_vl_8b_config
+from pigg.synth import synthesize
+from pigg.tiny import make_config_folder
+from pigg.train import train
+
+SEED_RECIPE = dict(batch_size=1, grad_accum=8, gradient_checkpointing=True, logits_on_labels_only=False,
+                   dataloader_workers=0, liger_kernel=False, optimizer="adamw_torch", torch_compile=False)
+PIGG_DEFAULT = {}  # nothing given: batch plan from memory, labels-only logits, 8 workers, Liger, fused AdamW
+LEVERS = {  # one change to the seed recipe each
+    "micro_batch_from_memory": dict(batch_size=None, grad_accum=None, gradient_checkpointing=None),
+    "no_checkpointing": dict(gradient_checkpointing=False),
+    "logits_on_labels_only": dict(logits_on_labels_only=True),
+    "workers_8": dict(dataloader_workers=8),
+    "liger": dict(liger_kernel=True),
+    "fused_adamw": dict(optimizer="adamw_torch_fused"),
+    "torch_compile": dict(torch_compile=True),
+}
+VARIANTS = {  # name: (method, settings, optimizer steps)
+    "seed_lora": ("lora", SEED_RECIPE, 16),
+    "pigg_default_lora": ("lora", PIGG_DEFAULT, 16),
+    **{f"lever_{k}": ("lora", {**SEED_RECIPE, **v}, 6) for k, v in LEVERS.items()},
+    "seed_full": ("full", SEED_RECIPE, 6),
+    "pigg_default_full": ("full", PIGG_DEFAULT, 6),
+}
+# Liger patches transformers' Qwen3-VL functions for the rest of the process: run those last.
+# torch.compile runs in a process of its own (`... train_throughput.py lever_torch_compile`) in practice:
+# its compilation time is hard to bound.
+ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lever_no_checkpointing",
+         "lever_logits_on_labels_only", "lever_workers_8", "lever_fused_adamw", "lever_torch_compile",
+         "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "trl_sft_best"]
+LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it
+H100_BF16 = 989e12
+LLM_FLOPS_PER_TOKEN = 2 * 7.57e9  # design.md section 7
+VISION_FLOPS_PER_IMAGE = 3.4e12
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times = []
+
+    def on_step_end(self, args, state, control, **kw):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+
+def mfu(samples_per_s: float, tokens: int, method: str) -> float:
+    passes = 2 if method == "lora" else 3
+    flops = samples_per_s * (passes * LLM_FLOPS_PER_TOKEN * tokens + VISION_FLOPS_PER_IMAGE)
+    return round(100 * flops / H100_BF16, 1)
+
+
+def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
+    method, settings, steps = VARIANTS[name]
+    cfg = C.RunConfig()
+    cfg.model.name_or_path, cfg.model.random_weights = str(model_dir), True
+    cfg.data.data_root, cfg.data.users = str(data_dir), "1-8"
+    t = cfg.train
+    t.method, t.max_steps, t.save_steps, t.logging_steps, t.warmup_steps = method, steps, 10_000, 1, 2
+    t.learning_rate = LORA_LR if method == "lora" else 1e-6
+    t.output_dir, t.log_dir = str(root / name), str(root / "logs")
+    for key, value in settings.items():
+        setattr(t, key, value)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    timer = StepTimer()
+    folder = train(cfg, callbacks=[timer])
+    plan = json.loads((folder / "provenance.json").read_text())["batch_plan"]
+    state = json.loads(sorted((folder / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
+    shutil.rmtree(root / name)  # a full fine-tuning output with its checkpoint is ~65 GB
+    dt = (timer.times[-1] - timer.times[0]) / (len(timer.times) - 1)
+    rate = 8 / dt
+    return dict(name=name, method=method, settings=settings, micro_batch=plan["micro_batch"],
+                grad_accum=plan["grad_accum"], checkpointing=plan["gradient_checkpointing"],
+                samples_per_s=round(rate, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
+                mfu_pct=mfu(rate, tokens, method), epoch_hours_90727=round(90727 / rate / 3600, 2),
+                losses=[h["loss"] for h in state["log_history"] if "loss" in h])
+
+
+def trl_variant(model_dir, data_dir, tokens) -> dict:
+    """TRL's SFTTrainer at its best setting from shared/bench: micro-batch 4, no checkpointing, 8 workers, Liger."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
+    from trl import SFTConfig, SFTTrainer
+
+    from pigg.data import load_samples
+    from pigg.model import lora_target_regex
+
+    samples, _ = load_samples(C.DataConfig(data_root=str(data_dir), users="1-8"))
+    rows = []
+    for s in samples:
+        system, answer = s.messages
+        image = next(i["image"] for i in system["content"] if i["type"] == "image")
+        text = next(i["text"] for i in system["content"] if i["type"] == "text")
+        rows.append({"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                     "completion": [answer], "images": [_open(data_dir / image)]})
+    dataset = Dataset.from_list(rows)
+    with torch.device("cuda"):
+        model = Qwen3VLForConditionalGeneration._from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16,
+                                                             attn_implementation="sdpa")
+    model.model.visual.requires_grad_(False)
+    lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM",
+                      target_modules=lora_target_regex(C.LoraSettings().target_modules))
+    args = SFTConfig(output_dir="/tmp/trl_out", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     gradient_checkpointing=False, bf16=True, learning_rate=LORA_LR, weight_decay=0.01, max_steps=6,
+                     logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=8, max_length=None,
+                     completion_only_loss=True, use_liger_kernel=True)
+    timer = StepTimer()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, peft_config=lora, callbacks=[timer],
+                         processing_class=AutoProcessor.from_pretrained(model_dir))
+    trainer.train()
+    dt = (timer.times[-1] - timer.times[0]) / (len(timer.times) - 1)
+    rate = 8 / dt
+    result = dict(name="trl_sft_best", method="lora", settings=dict(micro_batch=4, grad_accum=2, checkpointing=False,
+                  workers=8, liger=True), samples_per_s=round(rate, 2),
+                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1), mfu_pct=mfu(rate, tokens, "lora"),
+                  epoch_hours_90727=round(90727 / rate / 3600, 2))
+    del trainer, model
+    return result
+
+
+def _open(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def input_pipeline(model_dir, data_dir) -> dict:
+    """Samples/s that DataLoader workers deliver (decode, resize, tokenize, collate), micro-batch 4, no GPU."""
+    from torch.utils.data import DataLoader
+
+    from pigg.collate import TrainCollator
+    from pigg.data import load_samples
+    from pigg.processor import load_processor
+
+    samples, _ = load_samples(C.DataConfig(data_root=str(data_dir), users="1-8"))
+    collate = TrainCollator(load_processor(str(model_dir)), 8192)
+    rates = {}
+    for workers in (1, 4, 8, 16):
+        loader = DataLoader(samples * 2, batch_size=4, collate_fn=collate, num_workers=workers, pin_memory=True,
+                            prefetch_factor=4, persistent_workers=False)
+        it = iter(loader)
+        next(it)  # worker start-up
+        start, n = time.perf_counter(), 0
+        for batch in it:
+            n += len(batch["input_ids"])
+        rates[str(workers)] = round(n / (time.perf_counter() - start), 1)
+    return dict(name="input_pipeline", samples_per_s_by_workers=rates, cores=os.cpu_count())
+
+
+def main():
+    names = [n for n in ORDER if n in sys.argv[1:]] or ORDER
+    print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    root = Path(tempfile.mkdtemp(prefix="pigg_bench_"))
+    t = time.time()
+    data_dir = root / "data"
+    synthesize(data_dir, 8, samples_per_user=12, seed=0, width=1080, height=2400)
+    print(f"synthesised 96 samples of 1080x2400 in {time.time() - t:.1f}s", flush=True)
+    model_dir = make_config_folder(root / "qwen3vl8b-random", qwen3_vl_8b_config())
+    tokens = 1054
+    results = []
+    for name in names:
+        try:
+            if name == "input_pipeline":
+                results.append(input_pipeline(model_dir, data_dir))
+            elif name == "trl_sft_best":
+                results.append(trl_variant(model_dir, data_dir, tokens))
+            else:
+                results.append(pigg_variant(name, model_dir, data_dir, root, tokens))
+        except Exception as e:  # one failing variant must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            results.append(dict(name=name, error=repr(e)[:500]))
+        print("RESULT " + json.dumps(results[-1]), flush=True)
+        gc.collect()
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "train_throughput.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results):
+    print(f"\n{'variant':<34} {'mb x acc':>8} {'ckpt':>5} {'samples/s':>9} {'peak GiB':>8} {'MFU %':>6} {'epoch h':>7}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']:<34} error: {r['error'][:80]}")
+        elif "samples_per_s" in r:
+            mb = f"{r.get('micro_batch', r['settings'].get('micro_batch'))}x{r.get('grad_accum', r['settings'].get('grad_accum'))}"
+            ckpt = r.get("checkpointing", r["settings"].get("checkpointing"))
+            print(f"{r['name']:<34} {mb:>8} {str(ckpt):>5} {r['samples_per_s']:>9.2f} {r['peak_gib']:>8.1f} "
+                  f"{r['mfu_pct']:>6.1f} {r['epoch_hours_90727']:>7.2f}")
+        else:
+            print(f"{r['name']:<34} {r}")
+    seed = next((r for r in results if r["name"] == "seed_lora" and "losses" in r), None)
+    fast = next((r for r in results if r["name"] == "pigg_default_lora" and "losses" in r), None)
+    if seed and fast:
+        diffs = [abs(a - b) for a, b in zip(seed["losses"], fast["losses"])]
+        print(f"\nloss, seed recipe vs pigg default (same samples and seed): step 1 {seed['losses'][0]:.4f} vs "
+              f"{fast['losses'][0]:.4f}; largest difference over {len(diffs)} steps {max(diffs):.4f}")
+        print("  seed:", " ".join(f"{x:.3f}" for x in seed["losses"]))
+        print("  pigg:", " ".join(f"{x:.3f}" for x in fast["losses"]))
+
+
+if __name__ == "__main__":
+    main()

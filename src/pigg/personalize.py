@@ -1,0 +1,339 @@
+"""Personalized fine-tuning: for each test user, K folds; each fold starts from the global model,
+trains on the other folds and is evaluated on its own, next to the zero-shot and global models.
+
+Starting point. From a LoRA global output, the global adapter is merged into the base once per
+process and every fold trains a fresh LoRA adapter on the merged weights. Merged rather than
+stacked: the forward pass carries one adapter instead of two, the personal adapter stays small
+and independent, and `pigg export --adapter GLOBAL --adapter PERSONAL` rebuilds exactly the
+weights it trained on (merging is addition). PEFT's `unload()` then removes the fold's adapter
+without touching the merged weights, so the next fold starts from the global model again. With
+`--full` all language-model weights train; they are restored from a copy in CPU memory before each
+fold. From a full global output the model is the global weights themselves.
+
+Every model is loaded once per process; users and folds run one after another. A finished fold
+writes `fold.json` last and is skipped by a rerun; predictions are appended as they are made, so an
+interrupted run continues where it stopped.
+
+Output, OUT/personal_agent_{method}/:
+  pigg_config.yaml, provenance.json, splits.json   the run's configuration and each user's folds
+  vanilla/, global/         zero-shot and global predictions and metrics on every held-out sample
+  user_{id}/fold_{k}/       adapter (or weights), processor, eval/, fold.json (checkpoints/ while it runs)
+  user_{id}/summary.json    vanilla, global and personalized per fold and pooled over folds
+  personalized/             the folds' held-out predictions together (each sample predicted by the
+                            model that did not train on it) and their metrics
+  summary.json, report.html
+"""
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from pigg import config as C
+import pigg.metrics as M
+
+PERSONALIZE_DEFAULTS = {  # design.md section 3; the run's other settings are the global run's
+    "data": {"users": "1-10"},
+    "train": {"learning_rate": 2e-5, "epochs": 3.0, "effective_batch": 4, "warmup_steps": 5, "weight_decay": 0.01,
+              "save_steps": 500},
+}
+MODELS = ("vanilla", "global", "personalized")
+# Settings that change what a fold learns or how it is split: a rerun into the same folder must keep them.
+SAME_RUN_FIELDS = {"model": None, "lora": None, "personalize": ("base", "folds", "split", "split_seed"),
+                   "train": ("method", "learning_rate", "epochs", "max_steps", "effective_batch", "warmup_steps",
+                             "lr_scheduler", "weight_decay", "seed")}
+
+
+def folds_of(n: int, k: int, split: str, seed: int, user: int) -> dict[int, tuple[list[int], list[int]]]:
+    """{fold: (train positions, test positions)} over a user's n samples in file order.
+
+    kfold: positions shuffled with a generator seeded by (seed, user), cut into k near-equal folds.
+    time: positions in order cut into k blocks; fold j (2..k) trains on blocks 1..j-1 and tests on j.
+    """
+    if n < k:
+        raise ValueError(f"user {user} has {n} samples, fewer than the {k} folds")
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    if split == "time":
+        blocks = [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+        return {j: (sum(blocks[:j - 1], []), blocks[j - 1]) for j in range(2, k + 1)}
+    order = list(range(n))
+    random.Random(f"pigg-folds:{seed}:{user}").shuffle(order)  # str seeds hash the same in every process
+    parts = [sorted(order[bounds[i]:bounds[i + 1]]) for i in range(k)]
+    return {j: (sorted(p for i, part in enumerate(parts) if i != j - 1 for p in part), parts[j - 1])
+            for j in range(1, k + 1)}
+
+
+def describe_global(base: str | None) -> tuple[str, str | None, C.RunConfig | None]:
+    """(base model, global adapter or None, the global run's config if it wrote one) of a global output."""
+    if not base:
+        raise C.ConfigError("personalize.base is required: the global output folder (--base global_agent_lora)")
+    folder = Path(base)
+    global_cfg = C.load_yaml(folder / "pigg_config.yaml") if (folder / "pigg_config.yaml").is_file() else None
+    if (folder / "adapter_config.json").is_file():
+        adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
+        model = global_cfg.model.name_or_path if global_cfg else adapter_cfg["base_model_name_or_path"]
+        return model, str(folder), global_cfg
+    if (folder / "config.json").is_file():
+        return (global_cfg.model.name_or_path if global_cfg else str(folder)), None, global_cfg
+    raise FileNotFoundError(f"{folder}: neither adapter_config.json nor config.json: not a global output folder")
+
+
+def global_defaults(base: str | None) -> dict:
+    """The global run's model settings (pixels, dtype, attention), which personalization keeps."""
+    _, _, global_cfg = describe_global(base)
+    return {"model": C.to_dict(global_cfg)["model"]} if global_cfg else {}
+
+
+def output_folder(cfg: C.RunConfig) -> Path:
+    return Path(cfg.train.output_dir) / f"personal_agent_{cfg.train.method}"
+
+
+def personalize(cfg: C.RunConfig) -> Path:
+    """`pigg personalize`: every selected user and fold; returns the output folder."""
+    from pigg.logs import log_path, tee_output
+
+    C.validate(cfg)
+    with tee_output(log_path(cfg.train.log_dir, f"personalize_{cfg.train.method}")) as log_file:
+        print(f"pigg personalize: log file {log_file}")
+        return _personalize(cfg)
+
+
+def _personalize(cfg: C.RunConfig) -> Path:
+    from pigg.data import load_samples
+    from pigg.processor import load_processor
+    from pigg.train import check_lengths, print_config
+
+    ps = cfg.personalize
+    base_model, global_adapter, _ = describe_global(ps.base)
+    out = output_folder(cfg)
+    check_same_run(out, cfg)
+    print_config(cfg)
+    print(f"personalize: start from {ps.base} (base {base_model}" +
+          (f", global adapter merged into it" if global_adapter else "") + f") -> {out}")
+    samples, sizes = load_samples(cfg.data)
+    processor = load_processor(ps.base, cfg.model.min_pixels, cfg.model.max_pixels)
+    tokens = max(check_lengths(processor, samples, sizes, cfg.data.max_length))
+    by_user = {}
+    for s in sorted(samples, key=lambda s: (s.user, s.index)):
+        by_user.setdefault(s.user, []).append(s)
+    splits = {u: folds_of(len(ss), ps.folds, ps.split, ps.split_seed, u) for u, ss in by_user.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    C.save_yaml(cfg, out / "pigg_config.yaml")
+    write_splits(out / "splits.json", by_user, splits, ps)
+    jobs = [(u, k) for u in by_user for k in splits[u] if ps.fold is None or k == ps.fold]
+    held_out = [by_user[u][i] for u, k in jobs for i in splits[u][k][1]]
+    print(f"personalize: {len(by_user)} user(s), {len(jobs)} fold(s), {len(held_out)} held-out samples")
+
+    evaluate_into(load_base(cfg, base_model), processor, held_out, sizes, out / "vanilla", cfg, "vanilla")
+    model = load_global(cfg, base_model, global_adapter)
+    evaluate_into(model, processor, held_out, sizes, out / "global", cfg, "global")
+    start = llm_copy(model) if cfg.train.method == "full" else None
+    for user, k in jobs:
+        train_part = [by_user[user][i] for i in splits[user][k][0]]
+        test_part = [by_user[user][i] for i in splits[user][k][1]]
+        model = run_fold(model, start, processor, train_part, test_part, sizes, tokens, cfg,
+                         out / f"user_{user}" / f"fold_{k}")
+    write_summaries(out, by_user, splits)
+    from pigg.report import write_report
+
+    report = write_report([out / m for m in MODELS], out / "report.html", labels=list(MODELS))
+    print(f"personalize: report {report}")
+    return out
+
+
+def check_same_run(out: Path, cfg: C.RunConfig) -> None:
+    """A rerun into an existing folder continues it, so it must train and split the same way."""
+    if not (out / "pigg_config.yaml").is_file():
+        return
+    old, new = C.to_dict(C.load_yaml(out / "pigg_config.yaml")), C.to_dict(cfg)
+    changed = [f"{section}.{name}: {old[section][name]!r} -> {new[section][name]!r}"
+               for section, names in SAME_RUN_FIELDS.items() for name in (names or new[section])
+               if old[section][name] != new[section][name]]
+    if changed:
+        raise C.ConfigError(f"{out} holds a personalization run with other settings; continue it with the same "
+                            "settings or choose another --output-dir:\n  " + "\n  ".join(changed))
+    print(f"personalize: continuing the run in {out} (finished folds are kept)")
+
+
+def write_splits(path: Path, by_user: dict, splits: dict, ps) -> None:
+    """Each user's folds as sample indices (the `index` field of predictions), kept across reruns."""
+    record = json.loads(path.read_text()) if path.is_file() else {"split": ps.split, "folds": ps.folds,
+                                                                   "seed": ps.split_seed, "users": {}}
+    for user, folds in splits.items():
+        indices = {str(k): {"train": [by_user[user][i].index for i in tr], "test": [by_user[user][i].index for i in te]}
+                   for k, (tr, te) in folds.items()}
+        if record["users"].setdefault(str(user), indices) != indices:
+            raise ValueError(f"{path}: user {user}'s samples changed since this run split them (different "
+                             f"count or order in the user file); choose another --output-dir")
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def load_base(cfg: C.RunConfig, name_or_path: str):
+    from pigg.model import load_model
+    from pigg.train import device
+
+    return load_model(_model_cfg(cfg, name_or_path), device())
+
+
+def load_global(cfg: C.RunConfig, base_model: str, global_adapter: str | None):
+    """The global model: base + global adapter merged, or the full global weights."""
+    if not global_adapter:
+        return load_base(cfg, cfg.personalize.base)
+    from peft import PeftModel
+
+    model = load_base(cfg, base_model)
+    return PeftModel.from_pretrained(model, global_adapter).merge_and_unload()
+
+
+def _model_cfg(cfg, name_or_path):
+    import dataclasses
+
+    return dataclasses.replace(cfg.model, name_or_path=name_or_path)
+
+
+def llm_copy(model) -> dict:
+    """The language model's weights in CPU memory: what full personalization restores before each fold."""
+    from pigg.model import part_of
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if part_of(k) == "llm"}
+
+
+def evaluate_into(model, processor, samples, sizes, out_dir: Path, cfg, label: str) -> dict:
+    from pigg.evaluate import evaluate
+
+    e = cfg.eval
+    model.config.use_cache = True
+    metrics = evaluate(model, processor, samples, sizes, out_dir, e.batch_size, e.max_new_tokens, e.workers,
+                       meta=dict(label=label, base=cfg.personalize.base, users=cfg.data.users))
+    model.config.use_cache = False
+    return metrics
+
+
+def run_fold(model, start, processor, train_part, test_part, sizes, tokens, cfg, fold_dir: Path):
+    """Train one user's fold from the global weights, save it, evaluate it; return the global model."""
+    from transformers import set_seed
+
+    from pigg.model import apply_lora, freeze_vision, train_full_llm
+    from pigg.processor import save_processor
+    from pigg.provenance import write_provenance
+    from pigg.train import checkpoint_to_resume, fit
+
+    if (fold_dir / "fold.json").is_file():
+        print(f"personalize: {fold_dir} finished earlier; skipped")
+        return model
+    print(f"\npersonalize: {fold_dir.parent.name} {fold_dir.name}: train on {len(train_part)}, test on {len(test_part)}")
+    resume_from = checkpoint_to_resume(fold_dir, resume=True)
+    clock = time.time()
+    set_seed(cfg.train.seed)
+    if cfg.train.method == "lora":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trained = apply_lora(model, cfg.lora)
+    else:
+        model.load_state_dict(start, strict=False)
+        freeze_vision(model)
+        train_full_llm(model)
+        trained = model
+    trainer, plan = fit(trained, processor, train_part, tokens, cfg, fold_dir, resume_from)
+    trainer.save_model(str(fold_dir))
+    save_processor(processor, fold_dir)
+    train_seconds = time.time() - clock
+    steps = trainer.state.global_step
+    del trainer
+    _release_training_state(trained)
+    metrics = evaluate_into(trained, processor, test_part, sizes, fold_dir / "eval", cfg, "personalized")
+    write_provenance(fold_dir / "provenance.json", base=cfg.personalize.base, method=cfg.train.method,
+                     user=test_part[0].user, train_samples=len(train_part), test_samples=len(test_part),
+                     optimizer_steps=steps)
+    fold = dict(user=test_part[0].user, fold=int(fold_dir.name.split("_")[1]), train=[s.index for s in train_part],
+                test=[s.index for s in test_part], optimizer_steps=steps, micro_batch=plan.micro_batch,
+                train_seconds=round(train_seconds, 1), total_seconds=round(time.time() - clock, 1),
+                click_acc_140=metrics["micro"]["click_acc_140"])
+    (fold_dir / "fold.json").write_text(json.dumps(fold, indent=1) + "\n")  # marks the fold finished
+    shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)  # only a fold cut short needs them
+    print(f"personalize: {fold_dir.parent.name} {fold_dir.name}: Click Acc@140 "
+          f"{100 * metrics['micro']['click_acc_140']:.1f}%, trained in {train_seconds:.0f}s")
+    return trained.unload() if cfg.train.method == "lora" else trained
+
+
+def _release_training_state(model) -> None:
+    for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+        if hasattr(model, name):
+            getattr(model, name)()
+            break
+    if hasattr(model, "disable_input_require_grads"):
+        try:
+            model.disable_input_require_grads()
+        except AttributeError:  # no hook was registered
+            pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_summaries(out: Path, by_user: dict, splits: dict) -> dict:
+    """Per user and fold: the three models on the fold's held-out samples; pooled over folds; all users."""
+    runs = {m: _records(out, m) for m in MODELS}
+    pooled = {m: {} for m in MODELS}
+    for user in by_user:
+        folds = {}
+        for k in splits[user]:
+            if not (out / f"user_{user}" / f"fold_{k}" / "fold.json").is_file():
+                continue
+            test = {by_user[user][i].index for i in splits[user][k][1]}
+            folds[str(k)] = {}
+            for m in MODELS:
+                records = [r for r in runs[m].get(user, []) if r["index"] in test]
+                folds[str(k)][m] = M.summarize(records)
+                pooled[m].setdefault(user, []).extend(records)
+        if folds:
+            summary = {"folds": folds, "pooled": {m: M.summarize(pooled[m][user]) for m in MODELS}}
+            (out / f"user_{user}" / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    from pigg.evaluate import write_json_atomic
+
+    overall = {m: M.aggregate(pooled[m]) for m in MODELS}
+    write_json_atomic(out / "summary.json", overall)
+    _write_personalized_run(out, pooled["personalized"])
+    print(format_summary(overall))
+    return overall
+
+
+def _records(out: Path, model: str) -> dict[int, list[dict]]:
+    if model != "personalized":
+        from pigg.evaluate import read_done
+
+        return read_done(out / model / "predictions") if (out / model / "predictions").is_dir() else {}
+    records = {}
+    for path in sorted(out.glob("user_*/fold_*/eval/predictions/user_*.jsonl")):
+        if (path.parents[2] / "fold.json").is_file():
+            for line in path.read_text().splitlines():
+                r = json.loads(line)
+                records.setdefault(r["user"], []).append(r)
+    return records
+
+
+def _write_personalized_run(out: Path, per_user: dict) -> None:
+    """One evaluation folder, as `pigg eval` writes it, holding every finished fold's held-out predictions."""
+    from pigg.evaluate import write_json_atomic
+
+    folder = out / "personalized"
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "predictions").mkdir(parents=True)
+    for user, records in per_user.items():
+        (folder / "predictions" / f"user_{user}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_json_atomic(folder / "metrics.json", {"label": "personalized", **M.aggregate(per_user)})
+
+
+def format_summary(overall: dict) -> str:
+    users = sorted(overall["personalized"]["users"], key=int)
+    lines = [f"{'user':>6} {'n':>6} " + " ".join(f"{m:>13}" for m in MODELS) + "   (Click Acc@140 on held-out folds)"]
+    for user in users:
+        row = [overall[m]["users"].get(user, {}).get("click_acc_140") for m in MODELS]
+        lines.append(f"{user:>6} {overall['personalized']['users'][user]['n']:>6} " +
+                     " ".join(f"{'-' if v is None else f'{100 * v:.1f}%':>13}" for v in row))
+    for scope in ("micro", "macro"):
+        row = [overall[m][scope].get("click_acc_140") for m in MODELS]
+        lines.append(f"{scope:>6} {'':>6} " + " ".join(f"{'-' if v is None else f'{100 * v:.1f}%':>13}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Where a step of pigg's default LoRA training goes on one GPU: torch.profiler over two optimizer
+steps (after two warm-up steps) of `pigg.train.train()` on the real 8B architecture with random
+weights and 1080x2400 screenshots. Prints the busiest CUDA kernels and the step's CUDA vs wall time
+(a wall time well above the CUDA time means the GPU waits on Python, data or synchronisation).
+
+    PYTHONPATH=src python bench/profile_train_step.py   # writes $OUT/profile_train_step.txt
+"""
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import TrainerCallback
+
+from pigg import config as C
+from pigg.architectures import qwen3_vl_8b_config
+from pigg.synth import synthesize
+from pigg.tiny import make_config_folder
+from pigg.train import train
+
+START, STOP = 2, 4  # profile optimizer steps 3 and 4
+
+
+class Profiler(TrainerCallback):
+    def __init__(self):
+        self.prof, self.wall = None, None
+
+    def on_step_end(self, args, state, control, **kw):
+        torch.cuda.synchronize()
+        if state.global_step == START:
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.wall = time.perf_counter()
+        elif state.global_step == STOP:
+            self.wall = time.perf_counter() - self.wall
+            self.prof.__exit__(None, None, None)
+
+
+def main():
+    root = Path(tempfile.mkdtemp(prefix="pigg_profile_"))
+    synthesize(root / "data", 8, samples_per_user=12, seed=0, width=1080, height=2400)
+    cfg = C.RunConfig()
+    cfg.model.name_or_path = str(make_config_folder(root / "qwen3vl8b-random", qwen3_vl_8b_config()))
+    cfg.model.random_weights = True
+    cfg.data.data_root, cfg.data.users = str(root / "data"), "1-8"
+    t = cfg.train
+    t.max_steps, t.save_steps, t.learning_rate = STOP + 1, 10_000, 1e-4
+    t.output_dir, t.log_dir = str(root / "out"), str(root / "logs")
+    profiler = Profiler()
+    train(cfg, callbacks=[profiler])
+    events = profiler.prof.key_averages()
+    cuda_total = sum(e.self_device_time_total for e in events) / 1e3 / (STOP - START)
+    text = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    summary = (f"optimizer step (8 samples): wall {1e3 * profiler.wall / (STOP - START):.0f} ms, "
+               f"CUDA kernels {cuda_total:.0f} ms")
+    print(text + "\n" + summary)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "profile_train_step.txt").write_text(text + "\n" + summary + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,7 +32,8 @@ from pigg.tiny import make_config_folder
 from pigg.train import train
 
 SEED_RECIPE = dict(batch_size=1, grad_accum=8, gradient_checkpointing=True, logits_on_labels_only=False,
-                   dataloader_workers=0, liger_kernel=False, optimizer="adamw_torch", torch_compile=False)
+                   dataloader_workers=0, liger_kernel=False, optimizer="adamw_torch", torch_compile=False,
+                   lora_input_fp32=True)
 PIGG_DEFAULT = {}  # nothing given: batch plan from memory, labels-only logits, 8 workers, Liger, fused AdamW
 LEVERS = {  # one change to the seed recipe each
     "micro_batch_from_memory": dict(batch_size=None, grad_accum=None, gradient_checkpointing=None),
@@ -42,6 +43,7 @@ LEVERS = {  # one change to the seed recipe each
     "liger": dict(liger_kernel=True),
     "fused_adamw": dict(optimizer="adamw_torch_fused"),
     "torch_compile": dict(torch_compile=True),
+    "bf16_adapter_inputs": dict(lora_input_fp32=False),
 }
 VARIANTS = {  # name: (method, settings, optimizer steps)
     "seed_lora": ("lora", SEED_RECIPE, 16),
@@ -54,7 +56,8 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
 # torch.compile runs in a process of its own (`... train_throughput.py lever_torch_compile`) in practice:
 # its compilation time is hard to bound.
 ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lever_no_checkpointing",
-         "lever_logits_on_labels_only", "lever_workers_8", "lever_fused_adamw", "lever_torch_compile",
+         "lever_logits_on_labels_only", "lever_workers_8", "lever_fused_adamw", "lever_bf16_adapter_inputs",
+         "lever_torch_compile",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "trl_sft_best"]
 LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it
 H100_BF16 = 989e12

@@ -122,3 +122,25 @@ def test_estimate_scales_with_the_model(tiny_dir):
     config = AutoConfig.from_pretrained(tiny_dir)
     fake = SimpleNamespace(parameters=lambda: [torch.zeros(10, requires_grad=True)])
     assert estimate_peak(fake, config.text_config, 2, 100, False) > estimate_peak(fake, config.text_config, 2, 100, True)
+
+
+def test_adapter_inputs_stay_bf16_only_under_bf16_autocast(tiny_dir):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from pigg.config import LoraSettings
+    from pigg.model import prepare_model
+    from pigg.train import adapter_input_casts
+
+    model = prepare_model(Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir), "lora", LoraSettings())
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def casting():
+        return {getattr(m, "cast_input_dtype_enabled", True) for m in layers}
+
+    with adapter_input_casts(model, SimpleNamespace(bf16=True), fp32=False):
+        assert casting() == {False}
+    assert casting() == {True}
+    for args, fp32 in ((SimpleNamespace(bf16=True), True), (SimpleNamespace(bf16=False), False)):
+        with adapter_input_casts(model, args, fp32):
+            assert casting() == {True}

@@ -79,6 +79,9 @@ class TrainConfig:
                                           "installed and a GPU trains; pip install 'pigg[fast]').")
     optimizer: str = opt("adamw_torch_fused", "transformers' optimizer name (AdamW; the fused kernel by default).")
     torch_compile: bool = opt(False, "Compile the model with torch.compile (measured in bench/train_throughput.py).")
+    lora_input_fp32: bool = opt(False, "Cast each adapted layer's input to the adapters' float32 before the LoRA dropout "
+                                       "(PEFT's default); off, it stays bf16 under autocast: the same values after "
+                                       "autocast's cast, without two extra copies of every activation.")
     seed: int = opt(42, "Random seed (data order, dropout, initialisation of adapters).")
     log_dir: str = opt("logs", "Folder for the run's text log.")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in the output folder.")

@@ -3,6 +3,7 @@
 Reads top to bottom; `train()` is the whole run. Uses Hugging Face's Trainer with the seed's
 arguments, so checkpoints, resumption, schedules and loss normalisation are the stock ones.
 """
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -95,8 +96,20 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
         callbacks=[*([TensorBoardCallback(tb_writer=tensorboard_writer(out))] if is_main() else []), *callbacks],
     )
     print_processes(trainer, cfg.train, model)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer, plan
+
+
+def adapter_input_casts(model, args, fp32: bool):
+    """PEFT casts each adapted layer's bf16 input to the adapters' float32 before the dropout, and
+    bf16 autocast casts the result back for the matmul: two extra copies of every activation, the
+    same values in the end. Under autocast the input can stay bf16 (bench/profile_train_step.py)."""
+    if fp32 or not args.bf16 or not hasattr(model, "peft_config"):
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
 
 
 def print_processes(trainer, train_cfg, model) -> None:

@@ -16,15 +16,13 @@ from pathlib import Path
 
 import torch
 
+from phone_8b import phone_users_and_8b
 from pigg import config as C
-from pigg.architectures import qwen3_vl_8b_config
 from pigg.data import load_samples
 import pigg.evaluate as E
 from pigg.evaluate import evaluate
 from pigg.model import load_model
 from pigg.processor import load_processor
-from pigg.synth import synthesize
-from pigg.tiny import make_config_folder
 
 BASELINE = {"seed_loop_bs1": 0.56, "naive_bs32": 9.52}
 NEW_TOKENS = 40
@@ -34,12 +32,11 @@ def main():
     sizes_to_try = [int(x) for x in sys.argv[1:]] or [32, 64, 128]
     root = Path(tempfile.mkdtemp(prefix="pigg_eval_bench_"))
     t = time.time()
-    synthesize(root / "data", 8, samples_per_user=100, seed=1, width=1080, height=2400)
+    folder, data_dir = phone_users_and_8b(root, 8, 100, seed=1)
     print(f"synthesised in {time.time() - t:.0f}s; device {torch.cuda.get_device_name()}", flush=True)
-    folder = make_config_folder(root / "model", qwen3_vl_8b_config())
     cfg = C.RunConfig()
     cfg.model.name_or_path, cfg.model.random_weights = str(folder), True
-    cfg.data.data_root, cfg.data.users = str(root / "data"), "1-8"
+    cfg.data.data_root, cfg.data.users = str(data_dir), "1-8"
     samples, sizes = load_samples(cfg.data)
     processor = load_processor(str(folder), None, cfg.model.max_pixels)
     model = load_model(cfg.model, "cuda").eval()

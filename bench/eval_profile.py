@@ -16,15 +16,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from phone_8b import phone_users_and_8b
 from pigg import config as C
-from pigg.architectures import qwen3_vl_8b_config
 from pigg.collate import sample_length
 from pigg.data import load_samples
 from pigg.evaluate import PromptCollator, generate_batch, length_batches, prompt_and_truth
 from pigg.model import load_model
 from pigg.processor import load_processor
-from pigg.synth import synthesize
-from pigg.tiny import make_config_folder
 
 
 def timed(fn, repeat=2):
@@ -40,11 +38,10 @@ def timed(fn, repeat=2):
 def main():
     bs = int(sys.argv[1]) if len(sys.argv) > 1 else 64
     root = Path(tempfile.mkdtemp(prefix="pigg_eval_prof_"))
-    synthesize(root / "data", 4, samples_per_user=2 * bs // 3, seed=1, width=1080, height=2400)
-    folder = make_config_folder(root / "model", qwen3_vl_8b_config())
+    folder, data_dir = phone_users_and_8b(root, 4, 2 * bs // 3, seed=1)
     cfg = C.RunConfig()
     cfg.model.name_or_path, cfg.model.random_weights = str(folder), True
-    cfg.data.data_root, cfg.data.users = str(root / "data"), "1-4"
+    cfg.data.data_root, cfg.data.users = str(data_dir), "1-4"
     samples, sizes = load_samples(cfg.data)
     processor = load_processor(str(folder), None, cfg.model.max_pixels)
     prompts = [prompt_and_truth(s) for s in samples]

@@ -17,11 +17,9 @@ from pathlib import Path
 
 import torch
 
+from phone_8b import phone_users_and_8b
 from pigg import config as C
-from pigg.architectures import qwen3_vl_8b_config
 from pigg.personalize import PERSONALIZE_DEFAULTS, personalize
-from pigg.synth import synthesize
-from pigg.tiny import make_config_folder
 from pigg.train import train
 
 
@@ -29,12 +27,11 @@ def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     root = Path(tempfile.mkdtemp(prefix="pigg_personal_"))
-    synthesize(root / "data", 2, samples_per_user=n, seed=0, width=1080, height=2400)
-    model_dir = make_config_folder(root / "qwen3vl8b-random", qwen3_vl_8b_config())
+    model_dir, data_dir = phone_users_and_8b(root, 2, n)
 
     cfg = C.RunConfig()
     cfg.model.name_or_path, cfg.model.random_weights = str(model_dir), True
-    cfg.data.data_root, cfg.data.users = str(root / "data"), "2"
+    cfg.data.data_root, cfg.data.users = str(data_dir), "2"
     cfg.train.max_steps, cfg.train.output_dir, cfg.train.log_dir = 2, str(root / "global"), str(root / "logs")
     start = time.time()
     base = train(cfg)
@@ -42,7 +39,7 @@ def main():
 
     cfg = C.from_dict(PERSONALIZE_DEFAULTS, C.RunConfig())
     cfg.model.name_or_path, cfg.model.random_weights = str(model_dir), True
-    cfg.data.data_root, cfg.data.users = str(root / "data"), "1"
+    cfg.data.data_root, cfg.data.users = str(data_dir), "1"
     cfg.personalize.base = str(base)
     cfg.train.output_dir, cfg.train.log_dir = str(root / "personal"), str(root / "logs")
     cfg.eval.max_new_tokens = 32

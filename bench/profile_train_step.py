@@ -14,10 +14,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
+from phone_8b import phone_users_and_8b
 from pigg import config as C
-from pigg.architectures import qwen3_vl_8b_config
-from pigg.synth import synthesize
-from pigg.tiny import make_config_folder
 from pigg.train import train
 
 START, STOP = 2, 4  # profile optimizer steps 3 and 4
@@ -40,11 +38,10 @@ class Profiler(TrainerCallback):
 
 def main():
     root = Path(tempfile.mkdtemp(prefix="pigg_profile_"))
-    synthesize(root / "data", 8, samples_per_user=12, seed=0, width=1080, height=2400)
+    model_dir, data_dir = phone_users_and_8b(root, 8, 12)
     cfg = C.RunConfig()
-    cfg.model.name_or_path = str(make_config_folder(root / "qwen3vl8b-random", qwen3_vl_8b_config()))
-    cfg.model.random_weights = True
-    cfg.data.data_root, cfg.data.users = str(root / "data"), "1-8"
+    cfg.model.name_or_path, cfg.model.random_weights = str(model_dir), True
+    cfg.data.data_root, cfg.data.users = str(data_dir), "1-8"
     t = cfg.train
     t.max_steps, t.save_steps, t.learning_rate = STOP + 1, 10_000, 1e-4
     t.output_dir, t.log_dir = str(root / "out"), str(root / "logs")

@@ -233,13 +233,9 @@ def gpu_names() -> list[str]:
 
 def prepare(root: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(REPO / "src"))
-    from pigg.architectures import qwen3_vl_8b_config
-    from pigg.synth import synthesize
-    from pigg.tiny import make_config_folder
+    from phone_8b import phone_users_and_8b
 
-    data_dir = root / "data"
-    synthesize(data_dir, 8, samples_per_user=12, seed=0, width=1080, height=2400)
-    return make_config_folder(root / "qwen3vl8b-random", qwen3_vl_8b_config()), data_dir
+    return phone_users_and_8b(root, 8, 12)
 
 
 def add_scaling(results: list[dict]) -> None:

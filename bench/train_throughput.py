@@ -25,10 +25,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from phone_8b import phone_users_and_8b
 from pigg import config as C
-from pigg.architectures import qwen3_vl_8b_config
-from pigg.synth import synthesize
-from pigg.tiny import make_config_folder
 from pigg.train import train
 
 SEED_RECIPE = dict(batch_size=1, grad_accum=8, gradient_checkpointing=True, logits_on_labels_only=False,
@@ -187,10 +185,8 @@ def main():
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     root = Path(tempfile.mkdtemp(prefix="pigg_bench_"))
     t = time.time()
-    data_dir = root / "data"
-    synthesize(data_dir, 8, samples_per_user=12, seed=0, width=1080, height=2400)
+    model_dir, data_dir = phone_users_and_8b(root, 8, 12)
     print(f"synthesised 96 samples of 1080x2400 in {time.time() - t:.1f}s", flush=True)
-    model_dir = make_config_folder(root / "qwen3vl8b-random", qwen3_vl_8b_config())
     tokens = 1054
     results = []
     for name in names:

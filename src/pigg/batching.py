@@ -88,8 +88,7 @@ def plan_batch(train_cfg, world: int, device_memory: int | None, estimate=None) 
         why = "train.batch_size given"
         return BatchPlan(t.batch_size, per_process // t.batch_size, world, ckpt, why)
     if device_memory is None:
-        ckpt = bool(t.gradient_checkpointing)
-        return BatchPlan(1, per_process, world, ckpt, "no GPU: micro-batch 1")
+        return BatchPlan(1, per_process, world, _checkpointing(t, 1, estimate, None), "no GPU: micro-batch 1")
     sizes = [b for b in range(per_process, 0, -1) if per_process % b == 0]
     if t.gradient_checkpointing is None:  # prefer no recomputation at a micro-batch that fills the GPU
         candidates = [(b, False) for b in sizes if b >= min(4, per_process)] + [(b, True) for b in sizes]

@@ -97,15 +97,18 @@ def run_demo(out="pigg_demo") -> Path:
 
 
 def print_comparison(out: Path, personal: Path) -> None:
-    habits = {int(u): v["habits"] for u, v in json.loads((out / "data" / "users.json").read_text()).items()}
+    from pigg.personalize import MODELS
+
+    habits = {u: "yes" if v["habits"] else "no" for u, v in json.loads((out / "data" / "users.json").read_text()).items()}
     summary = json.loads((personal / "summary.json").read_text())
+
+    def scores(user, key):
+        rows = [summary[m]["micro"] if user == "micro" else summary[m]["users"][user] for m in MODELS]
+        return " / ".join(f"{100 * r[key]:5.1f}%" for r in rows)
+
     print(f"\ndemo: held-out folds of users {DEMO_TEST_USERS}, zero-shot / global / personalized")
     print(f"{'user':>6} {'habits':>6} {'n':>5}   {'Click Acc@140':^27}   {'referring exact match':^27}")
-    rows = [(u, summary["personalized"]["users"][u]) for u in sorted(summary["personalized"]["users"], key=int)]
-    for user, m in rows + [("micro", summary["personalized"]["micro"])]:
-        scope = (lambda model: summary[model]["micro"]) if user == "micro" else (
-            lambda model: summary[model]["users"][user])
-        flag = "" if user == "micro" else ("yes" if habits[int(user)] else "no")
-        acc = " / ".join(f"{100 * scope(model)['click_acc_140']:5.1f}%" for model in ("vanilla", "global", "personalized"))
-        ref = " / ".join(f"{100 * scope(model)['referring_exact']:5.1f}%" for model in ("vanilla", "global", "personalized"))
-        print(f"{user:>6} {flag:>6} {m['n']:>5}   {acc}   {ref}")
+    for user in sorted(summary["personalized"]["users"], key=int) + ["micro"]:
+        n = (summary["personalized"]["micro"] if user == "micro" else summary["personalized"]["users"][user])["n"]
+        print(f"{user:>6} {habits.get(user, ''):>6} {n:>5}   {scores(user, 'click_acc_140')}   "
+              f"{scores(user, 'referring_exact')}")

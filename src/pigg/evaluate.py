@@ -85,18 +85,12 @@ def share_dir(pred_dir: Path, rank: int) -> Path:
 
 
 def gather_shares(pred_dir: Path) -> None:
-    """Append the ranks' prediction files to the per-user files and remove them (rank 0 only)."""
+    """Append the ranks' prediction files to the per-user files and remove them (rank 0 only; its
+    read_done right after repairs what an interruption left)."""
     for part in sorted(pred_dir.glob("rank*/user_*.jsonl")):
-        good = []
-        for line in part.read_text().splitlines():
-            try:
-                json.loads(line)
-                good.append(line)
-            except json.JSONDecodeError:
-                print(f"WARNING: {part}: dropping a line cut short by an interruption")
         with open(pred_dir / part.name, "a") as f:
-            f.write("".join(g + "\n" for g in good))
-        part.unlink()  # a crash between the append and here repeats lines, which read_done drops
+            f.write("".join(line + "\n" for line in part.read_text().splitlines()))
+        part.unlink()  # cut or repeated lines (a crash before this) are dropped by the next read_done
     for folder in pred_dir.glob("rank*"):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()

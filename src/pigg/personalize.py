@@ -23,6 +23,7 @@ Output, OUT/personal_agent_{method}/:
                             model that did not train on it) and their metrics
   summary.json, report.html
 """
+import dataclasses
 import json
 import random
 import shutil
@@ -111,7 +112,7 @@ def _personalize(cfg: C.RunConfig) -> Path:
     check_same_run(out, cfg)
     print_config(cfg)
     print(f"personalize: start from {ps.base} (base {base_model}" +
-          (f", global adapter merged into it" if global_adapter else "") + f") -> {out}")
+          (", global adapter merged into it" if global_adapter else "") + f") -> {out}")
     samples, sizes = load_samples(cfg.data)
     processor = load_processor(ps.base, cfg.model.min_pixels, cfg.model.max_pixels)
     tokens = max(check_lengths(processor, samples, sizes, cfg.data.max_length))
@@ -170,27 +171,19 @@ def write_splits(path: Path, by_user: dict, splits: dict, ps) -> None:
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def load_base(cfg: C.RunConfig, name_or_path: str):
-    from pigg.model import load_model
+def load_base(cfg: C.RunConfig, name_or_path: str, adapter: str | None = None):
+    """A model with the run's settings from `name_or_path`, an adapter merged into it if given."""
+    from pigg.model import load_for_inference
     from pigg.train import device
 
-    return load_model(_model_cfg(cfg, name_or_path), device())
+    return load_for_inference(dataclasses.replace(cfg.model, name_or_path=name_or_path), adapter, device())
 
 
 def load_global(cfg: C.RunConfig, base_model: str, global_adapter: str | None):
     """The global model: base + global adapter merged, or the full global weights."""
-    if not global_adapter:
-        return load_base(cfg, cfg.personalize.base)
-    from peft import PeftModel
-
-    model = load_base(cfg, base_model)
-    return PeftModel.from_pretrained(model, global_adapter).merge_and_unload()
-
-
-def _model_cfg(cfg, name_or_path):
-    import dataclasses
-
-    return dataclasses.replace(cfg.model, name_or_path=name_or_path)
+    if global_adapter:
+        return load_base(cfg, base_model, global_adapter)
+    return load_base(cfg, cfg.personalize.base)
 
 
 def llm_copy(model) -> dict:

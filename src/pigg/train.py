@@ -1,10 +1,12 @@
 """Global fine-tuning recipe: validate data -> load -> freeze -> adapt -> train -> save.
 
 Reads top to bottom; `train()` is the whole run. Uses Hugging Face's Trainer with the seed's
-arguments, so checkpoints, resumption, schedules and loss normalisation are the stock ones.
+arguments, so checkpoints, resumption and schedules are the stock ones; the loss keeps the seed's
+normalisation at any micro-batch size (`supervised_loss`).
 """
 import contextlib
 import dataclasses
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -216,10 +218,11 @@ def tensorboard_writer(out: Path):
 def training_arguments(cfg, out: Path, plan: BatchPlan, model=None) -> TrainingArguments:
     t = cfg.train
     on_gpu = device() == "cuda"
+    how = strategy(t, world_size())
     # Under FSDP accelerate's bf16 mode would upcast the trained weights to fp32 master copies (16 bytes
     # per parameter with AdamW: 66 GB per GPU for the 8B on 2 GPUs); without it FSDP trains the bf16
     # weights as one GPU does, so 1 and N GPUs run the same recipe.
-    bf16 = on_gpu and cfg.model.dtype in ("auto", "bfloat16") and strategy(t, world_size()) != "fsdp"
+    bf16 = on_gpu and cfg.model.dtype in ("auto", "bfloat16") and how != "fsdp"
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         learning_rate=t.learning_rate,
@@ -248,7 +251,7 @@ def training_arguments(cfg, out: Path, plan: BatchPlan, model=None) -> TrainingA
         remove_unused_columns=False,
         seed=t.seed,
         data_seed=t.seed,
-        **trainer_arguments(strategy(t, world_size()), model),  # DDP or FSDP with several processes
+        **trainer_arguments(how, model),  # DDP or FSDP with several processes
     )
 
 
@@ -291,7 +294,8 @@ class GlobalTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step, and how many samples they hold over all processes."""
-        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # The stock version also counts (and gathers) supervised tokens, which this loss does not use.
+        batches = list(itertools.islice(epoch_iterator, num_batches))
         samples = torch.tensor(sum(len(b["labels"]) for b in batches), device=device)
         if self.args.world_size > 1:
             samples = self.accelerator.gather(samples).sum()

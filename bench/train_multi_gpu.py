@@ -4,7 +4,8 @@ through `pigg train --gpus` itself, against one GPU and against the seed's devic
 Every pigg variant is the command a user types (`python -m pigg.cli train ... --gpus 0,1`), run in a
 subprocess on synthetic 1080x2400 screenshots: data validation, processor in DataLoader workers,
 torchrun, DDP or FSDP2, the final consolidated save. Steps are timed from the TensorBoard events the
-run writes (one per optimizer step; the first step is not timed) and peak memory is the run's own
+run writes (one per optimizer step; the first step is not timed, the rate is the effective batch over the
+median step) and peak memory is the run's own
 `peak_gpu_gib` log (largest over the processes). Variants, in this order; the whole run keeps to
 --budget (8 minutes), so the last ones may be skipped or cut short, and say so:
 
@@ -12,17 +13,18 @@ run writes (one per optimizer step; the first step is not timed) and peak memory
   lora_ddp_{N}gpu       LoRA, DDP over all N GPUs, effective batch 8 (the default rule: a smaller
                         micro-batch per GPU as N grows)
   full_fsdp_{N}gpu      full fine-tuning, FSDP2 over N GPUs, effective batch 8
-  seed_devicemap_2gpu   the seed's full fine-tuning: device_map="auto" over GPUs 0,1 (one GPU works at a
-                        time), batch 1 x accumulation 8, checkpointing, on pre-made batches
+  full_fsdp_{N}gpu_compiled  the same with train.torch_compile (each decoder layer compiled)
   lora_ddp_{N}gpu_weak  LoRA, DDP, 8 samples per GPU per step (effective 8N): scaling with the same
                         per-GPU work as one GPU
   (with 4 or more GPUs also lora_ddp_2gpu and full_fsdp_2gpu)
+  seed_devicemap_2gpu   the seed's full fine-tuning: device_map="auto" over GPUs 0,1 (one GPU works at a
+                        time), batch 1 x accumulation 8, checkpointing, on pre-made batches
 
 MFU counts model FLOPs as design.md section 7 does: the LLM's forward is 2 x 7.57B FLOPs per token, a
 LoRA step 2 forwards, a full fine-tuning step 3, plus one 3.4 TFLOP vision forward per screenshot,
 recomputation not counted, against 989 TFLOP/s per GPU (H100 and H200 dense bf16).
 
-    PYTHONPATH=src python bench/train_multi_gpu.py [--budget 480] [--steps 6] [variant ...]
+    PYTHONPATH=src python bench/train_multi_gpu.py [--budget 480] [--steps 10] [variant ...]
 
 Writes bench/results/train_multi_gpu_{N}gpu.json (and $OUT/ when set) after every variant, so one
 variant failing or a run cut short keeps the others' results.
@@ -33,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,16 +59,19 @@ class Variant:
     gpus: int
     effective_batch: int = 8
     devicemap: bool = False  # the seed's recipe instead of pigg
+    compiled: bool = False  # train.torch_compile
 
 
 def variants(n: int) -> list[Variant]:
     chosen = [Variant("lora_1gpu", "lora", 1)]
     if n >= 2:
         chosen += [Variant(f"lora_ddp_{n}gpu", "lora", n), Variant(f"full_fsdp_{n}gpu", "full", n),
-                   Variant("seed_devicemap_2gpu", "full", 2, devicemap=True),
+                   Variant(f"full_fsdp_{n}gpu_compiled", "full", n, compiled=True),
                    Variant(f"lora_ddp_{n}gpu_weak", "lora", n, effective_batch=8 * n)]
     if n >= 4:
         chosen += [Variant("lora_ddp_2gpu", "lora", 2), Variant("full_fsdp_2gpu", "full", 2)]
+    if n >= 2:
+        chosen.append(Variant("seed_devicemap_2gpu", "full", 2, devicemap=True))
     return chosen
 
 
@@ -76,7 +82,8 @@ def pigg_command(v: Variant, model_dir: Path, data_dir: Path, out: Path, steps: 
             "--data-root", str(data_dir), "--users", USERS, f"--{v.method}",
             "--gpus", ",".join(str(i) for i in range(v.gpus)), "--effective-batch", str(v.effective_batch),
             "--max-steps", str(steps), "--save-steps", "100000", "--train.logging_steps", "1", "--lr", "1e-5",
-            "--output-dir", str(out), "--train.log_dir", str(out / "logs")]
+            "--output-dir", str(out), "--train.log_dir", str(out / "logs"),
+            *(["--train.torch_compile", "true"] if v.compiled else [])]
 
 
 def run_logged(cmd: list[str], log: Path, timeout: float, env=None) -> int:
@@ -129,7 +136,8 @@ def measure_pigg(v: Variant, model_dir: Path, data_dir: Path, root: Path, steps:
     folder = out / f"global_agent_{v.method}"
     timing = step_log(folder)
     tokens = float(re.search(r"tokens per sample: min \d+, mean (\d+)", text).group(1))
-    dt = (timing["wall"][-1] - timing["wall"][0]) / (len(timing["wall"]) - 1)
+    steps_s = [b - a for a, b in zip(timing["wall"], timing["wall"][1:])]
+    dt = statistics.median(steps_s)
     sps = v.effective_batch / dt
     plan = re.search(r"^batch plan: (.*)", text, re.M)
     processes = re.search(r"^processes: (.*)", text, re.M)
@@ -137,7 +145,7 @@ def measure_pigg(v: Variant, model_dir: Path, data_dir: Path, root: Path, steps:
     return {**result, "samples_per_s": round(sps, 2), "sec_per_optimizer_step": round(dt, 3),
             "peak_gib_per_gpu": max(timing["peak_gib"]) if timing["peak_gib"] else None,
             "mfu_per_gpu": round(mfu(v.method, sps, tokens, v.gpus), 3), "tokens_per_sample": tokens,
-            "timed_steps": len(timing["wall"]) - 1, "losses": [round(x, 3) for x in timing["loss"]],
+            "timed_steps": len(steps_s), "step_seconds": [round(x, 3) for x in steps_s], "losses": [round(x, 3) for x in timing["loss"]],
             "batch_plan": plan.group(1) if plan else None, "processes": processes.group(1) if processes else None,
             "final_weights_saved": saved, "epoch_hours_90727": round(90727 / sps / 3600, 2)}
 
@@ -278,7 +286,7 @@ def main():
     parser.add_argument("--budget", type=float, default=480,
                         help="seconds for the whole run; a variant gets what is left (at most --timeout) and none "
                              "starts with less than a minute left")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per pigg variant (the first untimed)")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per pigg variant (the first untimed)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one variant may take")
     parser.add_argument("--devicemap-child", nargs=3, metavar=("MODEL", "DATA", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -5,18 +5,20 @@ random weights and synthetic 1080x2400 phone screenshots (~1,054 tokens a sample
 validation, processor, freezing, LoRA or full FT, the Trainer, DataLoader workers. A variant is the
 seed recipe with one setting changed, so each lever is measured on its own; `pigg_default` is pigg
 with no settings given. The seed recipe and pigg's default run 16 optimizer steps on the same samples
-and seed, so their loss curves can be compared; the others 6. The first step is warm-up, not timed.
+and seed, so their loss curves can be compared; the others 6. The first step is warm-up, not timed; a
+variant's rate is 8 samples over its median step.
 
 The peer is TRL's SFTTrainer (bring its wheel) on the same model, samples and LoRA configuration,
 configured as well as TRL allows (micro-batch 4 without checkpointing, 8 workers, Liger), as in
 shared/bench/trl_peer_bench.py. `input_pipeline` times decode + resize + tokenize + collate alone.
 
-    PYTHONPATH=src python bench/train_throughput.py [variant ...]   # writes $OUT/train_throughput.json
+    PYTHONPATH=src python bench/train_throughput.py [variant ...] [--json NAME]   # writes $OUT/NAME
 """
 import gc
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -49,14 +51,18 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
     **{f"lever_{k}": ("lora", {**SEED_RECIPE, **v}, 6) for k, v in LEVERS.items()},
     "seed_full": ("full", SEED_RECIPE, 6),
     "pigg_default_full": ("full", PIGG_DEFAULT, 6),
+    "pigg_default_lora_compiled": ("lora", {"torch_compile": True}, 16),
+    "pigg_default_full_compiled": ("full", {"torch_compile": True}, 6),
 }
-# Liger patches transformers' Qwen3-VL functions for the rest of the process: run those last.
-# torch.compile runs in a process of its own (`... train_throughput.py lever_torch_compile`) in practice:
-# its compilation time is hard to bound.
+# Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
+# it where installed: give each variant a process of its own (`... train_throughput.py NAME --json F`)
+# to measure it alone. The compiled variants' first step includes compilation and is not timed;
+# with 16 steps the next few may still compile a variant of the inputs, so compare their median.
 ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lever_no_checkpointing",
          "lever_logits_on_labels_only", "lever_workers_8", "lever_fused_adamw", "lever_bf16_adapter_inputs",
-         "lever_torch_compile",
-         "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "trl_sft_best"]
+         "lever_torch_compile", "pigg_default_lora_compiled",
+         "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
+         "trl_sft_best"]
 LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it
 H100_BF16 = 989e12
 LLM_FLOPS_PER_TOKEN = 2 * 7.57e9  # design.md section 7
@@ -70,6 +76,12 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         torch.cuda.synchronize()
         self.times.append(time.perf_counter())
+
+
+def step_rate(timer: StepTimer) -> tuple[float, list[float]]:
+    """Samples/s from the median optimizer step after the first (warm-up, compilation), and the steps."""
+    steps = [b - a for a, b in zip(timer.times, timer.times[1:])]
+    return 8 / statistics.median(steps), [round(x, 3) for x in steps]
 
 
 def mfu(samples_per_s: float, tokens: int, method: str) -> float:
@@ -96,13 +108,12 @@ def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
     plan = json.loads((folder / "provenance.json").read_text())["batch_plan"]
     state = json.loads(sorted((folder / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
     shutil.rmtree(root / name)  # a full fine-tuning output with its checkpoint is ~65 GB
-    dt = (timer.times[-1] - timer.times[0]) / (len(timer.times) - 1)
-    rate = 8 / dt
+    rate, steps_s = step_rate(timer)
     return dict(name=name, method=method, settings=settings, micro_batch=plan["micro_batch"],
                 grad_accum=plan["grad_accum"], checkpointing=plan["gradient_checkpointing"],
                 samples_per_s=round(rate, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                 mfu_pct=mfu(rate, tokens, method), epoch_hours_90727=round(90727 / rate / 3600, 2),
-                losses=[h["loss"] for h in state["log_history"] if "loss" in h])
+                step_seconds=steps_s, losses=[h["loss"] for h in state["log_history"] if "loss" in h])
 
 
 def trl_variant(model_dir, data_dir, tokens) -> dict:
@@ -140,12 +151,11 @@ def trl_variant(model_dir, data_dir, tokens) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, peft_config=lora, callbacks=[timer],
                          processing_class=AutoProcessor.from_pretrained(model_dir))
     trainer.train()
-    dt = (timer.times[-1] - timer.times[0]) / (len(timer.times) - 1)
-    rate = 8 / dt
+    rate, steps_s = step_rate(timer)
     result = dict(name="trl_sft_best", method="lora", settings=dict(micro_batch=4, grad_accum=2, checkpointing=False,
                   workers=8, liger=True), samples_per_s=round(rate, 2),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1), mfu_pct=mfu(rate, tokens, "lora"),
-                  epoch_hours_90727=round(90727 / rate / 3600, 2))
+                  epoch_hours_90727=round(90727 / rate / 3600, 2), step_seconds=steps_s)
     del trainer, model
     return result
 
@@ -181,7 +191,9 @@ def input_pipeline(model_dir, data_dir) -> dict:
 
 
 def main():
-    names = [n for n in ORDER if n in sys.argv[1:]] or ORDER
+    args = sys.argv[1:]
+    json_name = args.pop(args.index("--json") + 1) if "--json" in args else "train_throughput.json"
+    names = [n for n in ORDER if n in args] or ORDER
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     root = Path(tempfile.mkdtemp(prefix="pigg_bench_"))
     t = time.time()
@@ -205,7 +217,7 @@ def main():
         print("RESULT " + json.dumps(results[-1]), flush=True)
         gc.collect()
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], "train_throughput.json").write_text(json.dumps(results, indent=1))
+            Path(os.environ["OUT"], json_name).write_text(json.dumps(results, indent=1))
     print_table(results)
 
 

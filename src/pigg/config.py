@@ -76,9 +76,12 @@ class TrainConfig:
     dataloader_workers: int = opt(8, "Processes that decode images and tokenize (0: in the main process); a 1080p "
                                      "screenshot takes ~20 ms, so 8 feed even a fast GPU.")
     liger_kernel: bool | None = opt(None, "Liger's fused RMSNorm and RoPE kernels (None: on when liger-kernel is "
-                                          "installed and a GPU trains; pip install 'pigg[fast]').")
+                                          "installed, a GPU trains and torch_compile is off; pip install 'pigg[fast]').")
     optimizer: str = opt("adamw_torch_fused", "transformers' optimizer name (AdamW; the fused kernel by default).")
-    torch_compile: bool = opt(False, "Compile the model with torch.compile (measured in bench/train_throughput.py).")
+    torch_compile: bool = opt(False, "Compile each decoder layer of the language model with torch.compile (one "
+                                     "graph serves all 36; the first step waits ~35 s). LoRA +13% on an H100, but "
+                                     "its loss curve is not yet proven the same (README, Training speed). Liger "
+                                     "stays off unless asked for; refused with FSDP.")
     lora_input_fp32: bool = opt(False, "Cast each adapted layer's input to the adapters' float32 before the LoRA dropout "
                                        "(PEFT's default); off, it stays bf16 under autocast: the same values after "
                                        "autocast's cast, without two extra copies of every activation.")

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One H100's runs for this session, in parts of under 10 minutes each (the device tool's limit per
+# command): bash bench/session_1gpu.sh 1|2|3. Each benchmark variant runs in a process of its own (Liger's
+# patches and compiled graphs stay in a process) and writes $OUT/train_throughput_VARIANT.json.
+set -u
+cd "$(dirname "$0")/.."
+# A variant killed by its time limit leaves its output (~65 GB for full fine-tuning) in its own TMPDIR,
+# removed here, so the next variant still has disk.
+variant() { local tmp; tmp=$(mktemp -d)
+            TMPDIR=$tmp timeout "$2" python3 bench/train_throughput.py "$1" --json "train_throughput_$1.json" 2>&1 \
+              | grep -E "^(device|synthesised|RESULT|variant|pigg_|trl_|lever_|seed_|loss|  seed|  pigg)|Error|error"
+            rm -rf "$tmp"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+case "${1:-1}" in
+  1) timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -3
+     variant pigg_default_lora 120
+     variant pigg_default_lora_compiled 200
+     variant trl_sft_best 120 ;;
+  2) variant pigg_default_full 220
+     variant pigg_default_full_compiled 260 ;;
+  3) variant lever_torch_compile 240 ;;
+esac

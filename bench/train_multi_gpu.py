@@ -274,7 +274,7 @@ def print_table(results: list[dict]) -> None:
             print(f"{r['name']:<22} {r['gpus']:>4}   {r.get('error', 'skipped')}")
             continue
         peak = r["peak_gib_per_gpu"]
-        peak = "/".join(f"{p:.1f}" for p in peak) if isinstance(peak, list) else f"{peak}"
+        peak = "/".join(f"{p:.1f}" for p in peak) if isinstance(peak, list) else "-" if peak is None else f"{peak:.1f}"
         scaling = f"{100 * r['scaling_efficiency_vs_1gpu']:.0f}%" if "scaling_efficiency_vs_1gpu" in r else "-"
         print(f"{r['name']:<22} {r['gpus']:>4} {r['samples_per_s']:>9.2f} {r['sec_per_optimizer_step']:>7.2f} "
               f"{peak:>13} {100 * r['mfu_per_gpu']:>7.1f}% {scaling:>8} {r['epoch_hours_90727']:>8.2f}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One H100's runs for this session, in parts of under 10 minutes each (the device tool's limit per
-# command): bash bench/session_1gpu.sh 1|2|3. Each benchmark variant runs in a process of its own (Liger's
+# command): bash bench/session_1gpu.sh 1|2|3|4. Each benchmark variant runs in a process of its own (Liger's
 # patches and compiled graphs stay in a process) and writes $OUT/train_throughput_VARIANT.json.
 set -u
 cd "$(dirname "$0")/.."
@@ -19,4 +19,6 @@ case "${1:-1}" in
   2) variant pigg_default_full 220
      variant pigg_default_full_compiled 260 ;;
   3) variant lever_torch_compile 240 ;;
+  4) variant pigg_default_lora_no_dropout 120
+     variant pigg_default_lora_compiled_no_dropout 200 ;;
 esac

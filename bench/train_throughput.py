@@ -52,6 +52,10 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
     "seed_full": ("full", SEED_RECIPE, 6),
     "pigg_default_full": ("full", PIGG_DEFAULT, 6),
     "pigg_default_lora_compiled": ("lora", {"torch_compile": True}, 16),
+    # Without LoRA dropout the compiled and eager curves should agree step by step: which part of the
+    # compiled run's different curve (README) the dropout explains.
+    "pigg_default_lora_no_dropout": ("lora", {"lora.dropout": 0.0}, 16),
+    "pigg_default_lora_compiled_no_dropout": ("lora", {"torch_compile": True, "lora.dropout": 0.0}, 16),
     "pigg_default_full_compiled": ("full", {"torch_compile": True}, 6),
 }
 # Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
@@ -60,7 +64,8 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
 # with 16 steps the next few may still compile a variant of the inputs, so compare their median.
 ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lever_no_checkpointing",
          "lever_logits_on_labels_only", "lever_workers_8", "lever_fused_adamw", "lever_bf16_adapter_inputs",
-         "lever_torch_compile", "pigg_default_lora_compiled",
+         "lever_torch_compile", "pigg_default_lora_compiled", "pigg_default_lora_no_dropout",
+         "pigg_default_lora_compiled_no_dropout",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]
 LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it
@@ -99,8 +104,9 @@ def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
     t.method, t.max_steps, t.save_steps, t.logging_steps, t.warmup_steps = method, steps, 10_000, 1, 2
     t.learning_rate = LORA_LR if method == "lora" else 1e-6
     t.output_dir, t.log_dir = str(root / name), str(root / "logs")
-    for key, value in settings.items():
-        setattr(t, key, value)
+    for key, value in settings.items():  # "lora.dropout" sets cfg.lora.dropout; a bare name a train setting
+        section, _, field = key.rpartition(".")
+        setattr(getattr(cfg, section) if section else t, field, value)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     timer = StepTimer()

@@ -25,15 +25,17 @@ def test_stock_processor_loads_the_saved_folder(tiny_dir):
 
 
 def test_tiny_lora_trains_in_bf16_on_gpu(tiny_dir, synth_root, tmp_path):
+    import importlib.util
+
     from safetensors.torch import load_file
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
 
     from pigg.train import train
 
-    from transformers.models.qwen3_vl import modeling_qwen3_vl
-
     rope = modeling_qwen3_vl.apply_rotary_pos_emb
     folder = train(tiny_run_config(tiny_dir, synth_root, tmp_path, dataloader_workers=2))
-    assert "Liger kernels" in (next((tmp_path / "logs").glob("*.log"))).read_text()
+    if importlib.util.find_spec("liger_kernel"):  # used by default where installed
+        assert "Liger kernels" in next((tmp_path / "logs").glob("*.log")).read_text()
     assert modeling_qwen3_vl.apply_rotary_pos_emb is rope  # Liger's process-wide patch is undone
     adapter = load_file(folder / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())

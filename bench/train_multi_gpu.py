@@ -21,9 +21,7 @@ median step) and peak memory is the run's own
   seed_devicemap_2gpu   the seed's full fine-tuning: device_map="auto" over GPUs 0,1 (one GPU works at a
                         time), batch 1 x accumulation 8, checkpointing, on pre-made batches
 
-MFU counts model FLOPs as design.md section 7 does: the LLM's forward is 2 x 7.57B FLOPs per token, a
-LoRA step 2 forwards, a full fine-tuning step 3, plus one 3.4 TFLOP vision forward per screenshot,
-recomputation not counted, against 989 TFLOP/s per GPU (H100 and H200 dense bf16).
+MFU per GPU is bench/flops.py's (design.md section 7's FLOP model).
 
     PYTHONPATH=src python bench/train_multi_gpu.py [--budget 480] [--steps 10] [variant ...]
 
@@ -44,12 +42,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flops import mfu
+
 REPO = Path(__file__).resolve().parent.parent
 USERS = "1-8"
-PEAK_FLOPS = 989e12
-LLM_FORWARD_FLOPS_PER_TOKEN = 2 * 7.57e9
-VISION_FORWARD_FLOPS = 3.4e12
-FORWARDS_PER_STEP = {"lora": 2, "full": 3}
 SEED_DEVICEMAP_STEPS = 4  # 8 samples a step at ~2.4 samples/s
 
 
@@ -110,11 +106,6 @@ def step_log(folder: Path) -> dict[str, list]:
     peak = [e.value for e in events.Scalars("train/peak_gpu_gib")] if "train/peak_gpu_gib" in tags else []
     return {"steps": [e.step for e in loss], "wall": [e.wall_time for e in loss], "loss": [e.value for e in loss],
             "peak_gib": peak}
-
-
-def mfu(method: str, samples_per_s: float, tokens_per_sample: float, gpus: int) -> float:
-    per_sample = tokens_per_sample * LLM_FORWARD_FLOPS_PER_TOKEN * FORWARDS_PER_STEP[method] + VISION_FORWARD_FLOPS
-    return samples_per_s * per_sample / (gpus * PEAK_FLOPS)
 
 
 def run_pigg(v: Variant, model_dir: Path, data_dir: Path, root: Path, steps: int, timeout: float) -> dict:

@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from flops import mfu
 from phone_8b import phone_users_and_8b
 from pigg import config as C
+from pigg.demo import loss_curve
 from pigg.train import train
 
 SEED_RECIPE = dict(batch_size=1, grad_accum=8, gradient_checkpointing=True, logits_on_labels_only=False,
@@ -69,9 +71,6 @@ ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lev
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]
 LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it
-H100_BF16 = 989e12
-LLM_FLOPS_PER_TOKEN = 2 * 7.57e9  # design.md section 7
-VISION_FLOPS_PER_IMAGE = 3.4e12
 
 
 class StepTimer(TrainerCallback):
@@ -89,10 +88,8 @@ def step_rate(timer: StepTimer) -> tuple[float, list[float]]:
     return 8 / statistics.median(steps), [round(x, 3) for x in steps]
 
 
-def mfu(samples_per_s: float, tokens: int, method: str) -> float:
-    passes = 2 if method == "lora" else 3
-    flops = samples_per_s * (passes * LLM_FLOPS_PER_TOKEN * tokens + VISION_FLOPS_PER_IMAGE)
-    return round(100 * flops / H100_BF16, 1)
+def mfu_pct(samples_per_s: float, tokens: int, method: str) -> float:
+    return round(100 * mfu(method, samples_per_s, tokens), 1)
 
 
 def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
@@ -112,14 +109,13 @@ def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
     timer = StepTimer()
     folder = train(cfg, callbacks=[timer])
     plan = json.loads((folder / "provenance.json").read_text())["batch_plan"]
-    state = json.loads(sorted((folder / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
     shutil.rmtree(root / name)  # a full fine-tuning output with its checkpoint is ~65 GB
     rate, steps_s = step_rate(timer)
     return dict(name=name, method=method, settings=settings, micro_batch=plan["micro_batch"],
                 grad_accum=plan["grad_accum"], checkpointing=plan["gradient_checkpointing"],
                 samples_per_s=round(rate, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
-                mfu_pct=mfu(rate, tokens, method), epoch_hours_90727=round(90727 / rate / 3600, 2),
-                step_seconds=steps_s, losses=[h["loss"] for h in state["log_history"] if "loss" in h])
+                mfu_pct=mfu_pct(rate, tokens, method), epoch_hours_90727=round(90727 / rate / 3600, 2),
+                step_seconds=steps_s, losses=[loss for _, loss in loss_curve(folder)])
 
 
 def trl_variant(model_dir, data_dir, tokens) -> dict:
@@ -160,7 +156,7 @@ def trl_variant(model_dir, data_dir, tokens) -> dict:
     rate, steps_s = step_rate(timer)
     result = dict(name="trl_sft_best", method="lora", settings=dict(micro_batch=4, grad_accum=2, checkpointing=False,
                   workers=8, liger=True), samples_per_s=round(rate, 2),
-                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1), mfu_pct=mfu(rate, tokens, "lora"),
+                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1), mfu_pct=mfu_pct(rate, tokens, "lora"),
                   epoch_hours_90727=round(90727 / rate / 3600, 2), step_seconds=steps_s)
     del trainer, model
     return result

@@ -28,6 +28,13 @@ def synth_root(tmp_path_factory):
     return root
 
 
+def losses(folder):
+    """The training losses a run's newest checkpoint recorded, step by step."""
+    from pigg.demo import loss_curve
+
+    return [loss for _, loss in loss_curve(folder)]
+
+
 def tiny_run_config(tiny_dir, data_root, out, **train):
     """A fast, deterministic CPU run of the tiny model."""
     from pigg import config as C

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import losses, tiny_run_config
 from pigg import config as C
 from pigg.batching import GiB, estimate_peak, plan_batch
 from pigg.train import train
@@ -82,12 +82,6 @@ def test_memory_model_matches_the_measured_8b_runs():
         assert measured <= estimate <= measured + 8, (method, b, ckpt, estimate)
 
 
-def _losses(folder):
-    checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
-    return [h["loss"] for h in history if "loss" in h]
-
-
 def test_micro_batches_give_the_seed_recipes_losses_and_weights(tiny_dir, synth_root, tmp_path):
     """Same samples, seed and effective batch 8: batch 1 x 8 (the seed), 4 x 2 and 8 x 1 give the same
     loss at every step (right padding and token-count normalisation) and the same adapter."""
@@ -99,12 +93,12 @@ def test_micro_batches_give_the_seed_recipes_losses_and_weights(tiny_dir, synth_
                               max_steps=3, save_steps=3, learning_rate=1e-3)
         cfg.lora.dropout = 0.0  # dropout masks are drawn per micro-batch, so they differ between layouts
         folder = train(cfg)
-        runs[micro] = (_losses(folder), load_file(folder / "adapter_model.safetensors"))
+        runs[micro] = (losses(folder), load_file(folder / "adapter_model.safetensors"))
     seed_losses, seed_weights = runs[1]
     assert len(seed_losses) == 3
     for micro in (4, 8):
-        losses, weights = runs[micro]
-        assert losses == pytest.approx(seed_losses, rel=1e-4), micro
+        curve, weights = runs[micro]
+        assert curve == pytest.approx(seed_losses, rel=1e-4), micro
         for key, value in seed_weights.items():
             torch.testing.assert_close(weights[key], value, rtol=1e-3, atol=1e-5)
 

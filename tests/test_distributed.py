@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_run_config
+from conftest import losses, tiny_run_config
 from pigg import config as C
 from pigg.distributed import Launch, launch_environment, launcher_command, strategy, trainer_arguments
 from test_train import FULL_FILES, LORA_FILES
@@ -54,12 +54,6 @@ def train_in_processes(cfg, tmp_path, nproc, resume=False, fsdp_on_cpu=False):
     C.save_yaml(cfg, path)
     run = pigg(["train", "--config", str(path)], tmp_path, nproc, fsdp_on_cpu)
     return C.output_folder(cfg), run
-
-
-def losses(folder: Path) -> list[float]:
-    checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
-    return [h["loss"] for h in history if "loss" in h]
 
 
 def weights(folder: Path) -> dict:

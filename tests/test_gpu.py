@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import losses, tiny_run_config
 
 pytestmark = pytest.mark.gpu
 
@@ -44,8 +44,6 @@ def test_tiny_lora_trains_in_bf16_on_gpu(tiny_dir, synth_root, tmp_path):
 def test_compiled_decoder_layers_train_like_eager_on_gpu(tiny_dir, synth_root, tmp_path):
     """Inductor's Triton kernels under bf16 autocast, with PEFT's adapters and bf16 adapter inputs:
     the same losses as eager within bf16 rounding."""
-    import json
-
     from torch._dynamo.utils import counters
 
     from pigg.train import train
@@ -55,8 +53,6 @@ def test_compiled_decoder_layers_train_like_eager_on_gpu(tiny_dir, synth_root, t
         cfg = tiny_run_config(tiny_dir, synth_root, tmp_path / str(compiled), torch_compile=compiled, batch_size=2,
                               max_steps=2, learning_rate=1e-3, liger_kernel=False)
         cfg.lora.dropout = 0.0
-        folder = train(cfg)
-        state = json.loads((folder / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
-        curves.append([h["loss"] for h in state["log_history"] if "loss" in h])
+        curves.append(losses(train(cfg)))
     assert counters["stats"]["unique_graphs"] > graphs
     assert len(curves[0]) == 2 and curves[1] == pytest.approx(curves[0], rel=2e-2)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen3VLForConditionalGeneration
 
-from conftest import tiny_run_config
+from conftest import losses, tiny_run_config
 from pigg import config as C
 from pigg.train import train
 
@@ -159,8 +159,6 @@ def test_fast_path_trains_like_the_stock_trainer(tiny_dir, synth_root, tmp_path,
     """pigg's default path (micro-batch 4 x accumulation 2, logits at supervised positions only, its own
     loss normalisation) against the stock Trainer with the model's own loss at batch 1 x accumulation 8:
     the same losses step by step on the same samples and seed."""
-    import json
-
     from transformers import Trainer
 
     import pigg.train
@@ -178,9 +176,7 @@ def test_fast_path_trains_like_the_stock_trainer(tiny_dir, synth_root, tmp_path,
         cfg = tiny_run_config(tiny_dir, synth_root, tmp_path / name, batch_size=micro, grad_accum=None,
                               max_steps=2, learning_rate=1e-3)
         cfg.lora.dropout = 0.0  # dropout masks are drawn per micro-batch, so they differ between layouts
-        folder = train(cfg)
-        state = json.loads((folder / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
-        curves.append([h["loss"] for h in state["log_history"] if "loss" in h])
+        curves.append(losses(train(cfg)))
     assert len(curves[0]) == 2
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
 
@@ -188,8 +184,6 @@ def test_fast_path_trains_like_the_stock_trainer(tiny_dir, synth_root, tmp_path,
 def test_compiled_decoder_layers_train_like_eager(tiny_dir, synth_root, tmp_path):
     """`train.torch_compile` (each decoder layer compiled in place, with checkpointing): the same losses
     and adapters as eager, under the same parameter names."""
-    import json
-
     from torch._dynamo.utils import counters
 
     runs, graphs = {}, []
@@ -200,9 +194,7 @@ def test_compiled_decoder_layers_train_like_eager(tiny_dir, synth_root, tmp_path
         graphs.append(counters["stats"]["unique_graphs"])
         folder = train(cfg)
         graphs[-1] = counters["stats"]["unique_graphs"] - graphs[-1]
-        state = json.loads((folder / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
-        runs[compiled] = ([h["loss"] for h in state["log_history"] if "loss" in h],
-                          load_file(folder / "adapter_model.safetensors"))
+        runs[compiled] = (losses(folder), load_file(folder / "adapter_model.safetensors"))
     (eager, eager_weights), (compiled, compiled_weights) = runs[False], runs[True]
     assert graphs[0] == 0 and graphs[1] > 0  # the compiled run did run compiled graphs
     assert len(eager) == 2 and compiled == pytest.approx(eager, rel=1e-5)

@@ -182,9 +182,8 @@ def cmd_report(args) -> None:
 def cmd_export(args) -> None:
     from pigg.export import export
 
-    out = export(args.model, args.adapter or [], args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                 force=args.force)
-    print(f"exported to {out}")
+    export(args.model, args.adapter or [], args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+           force=args.force)  # it says where it wrote
 
 
 def cmd_data_validate(args) -> None:

@@ -102,13 +102,15 @@ def print_comparison(out: Path, personal: Path) -> None:
     habits = {u: "yes" if v["habits"] else "no" for u, v in json.loads((out / "data" / "users.json").read_text()).items()}
     summary = json.loads((personal / "summary.json").read_text())
 
+    def row(model, user):
+        return summary[model]["micro"] if user == "micro" else summary[model]["users"][user]
+
     def scores(user, key):
-        rows = [summary[m]["micro"] if user == "micro" else summary[m]["users"][user] for m in MODELS]
-        return " / ".join(f"{100 * r[key]:5.1f}%" for r in rows)
+        return " / ".join(f"{100 * row(m, user)[key]:5.1f}%" for m in MODELS)
 
     print(f"\ndemo: held-out folds of users {DEMO_TEST_USERS}, zero-shot / global / personalized")
     print(f"{'user':>6} {'habits':>6} {'n':>5}   {'Click Acc@140':^27}   {'referring exact match':^27}")
     for user in sorted(summary["personalized"]["users"], key=int) + ["micro"]:
-        n = (summary["personalized"]["micro"] if user == "micro" else summary["personalized"]["users"][user])["n"]
+        n = row("personalized", user)["n"]
         print(f"{user:>6} {habits.get(user, ''):>6} {n:>5}   {scores(user, 'click_acc_140')}   "
               f"{scores(user, 'referring_exact')}")

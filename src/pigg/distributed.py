@@ -11,10 +11,12 @@ the 8B model's ~66 GB of them, which leave one GPU room for little more than mic
 recomputation, become ~33 GB on each of 2 GPUs). The effective batch stays `train.effective_batch`
 whatever the process count (batching.py).
 """
+import json
 import os
 import shlex
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from pigg.batching import world_size
 
@@ -95,8 +97,9 @@ def visible_devices(launch: Launch) -> str | None:
 def launch_environment(launch: Launch, env=os.environ, cpu_count: int | None = None) -> dict:
     """Environment changes for the processes: the GPUs they may see and threads per process."""
     changes = {}
-    if visible_devices(launch) is not None:
-        changes["CUDA_VISIBLE_DEVICES"] = visible_devices(launch)
+    visible = visible_devices(launch)
+    if visible is not None:
+        changes["CUDA_VISIBLE_DEVICES"] = visible
     if "OMP_NUM_THREADS" not in env:
         # torchrun would set 1; on CPU that leaves cores idle, on GPU a few threads help the collators
         changes["OMP_NUM_THREADS"] = str(max(1, (cpu_count or os.cpu_count() or 1) // launch.processes_per_node()))
@@ -242,16 +245,11 @@ FSDP_WEIGHTS, FSDP_OPTIMIZER, PLAIN_OPTIMIZER = "pytorch_model_fsdp.bin", "optim
 
 
 def written_with_fsdp(checkpoint) -> bool:
-    from pathlib import Path
-
     return (Path(checkpoint) / FSDP_WEIGHTS).is_file()
 
 
 def full_weights(checkpoint) -> dict:
     """The consolidated weights of a checkpoint (model.safetensors, or its shards)."""
-    import json
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     folder = Path(checkpoint)
@@ -310,8 +308,6 @@ def by_position(saved: dict, names: list[list[str]], where) -> dict:
 
 
 def load_optimizer_across_layouts(model, optimizer, checkpoint, into_fsdp: bool) -> None:
-    from pathlib import Path
-
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -138,9 +138,10 @@ def _evaluate(model, processor, samples, sizes, out_dir: Path, batch_size, max_n
     pred_dir.mkdir(parents=True, exist_ok=True)
     if is_main():  # repair and gather what an interrupted run left, before any rank reads or writes
         gather_shares(pred_dir)
-        read_done(pred_dir)
+        done = read_done(pred_dir)
     barrier()
-    done = read_done(pred_dir)
+    if not is_main():
+        done = read_done(pred_dir)
     finished = {(r["user"], r["index"]) for records in done.values() for r in records}
     prompts = [prompt_and_truth(s) for s in samples if (s.user, s.index) not in finished]
     if finished:

@@ -46,12 +46,8 @@ def tee_output(path):
 @contextmanager
 def quiet_stdout():
     """Drop what is printed for the duration of the block (stderr, with warnings and errors, stays)."""
+    import contextlib
     import os
 
-    with open(os.devnull, "w") as devnull:
-        old = sys.stdout
-        sys.stdout = devnull
-        try:
-            yield
-        finally:
-            sys.stdout = old
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield

@@ -293,16 +293,15 @@ def write_summaries(out: Path, by_user: dict, splits: dict) -> dict:
 
 
 def _records(out: Path, model: str) -> dict[int, list[dict]]:
-    if model != "personalized":
-        from pigg.evaluate import read_done
+    from pigg.evaluate import read_done
 
+    if model != "personalized":
         return read_done(out / model / "predictions") if (out / model / "predictions").is_dir() else {}
     records = {}
-    for path in sorted(out.glob("user_*/fold_*/eval/predictions/user_*.jsonl")):
-        if (path.parents[2] / "fold.json").is_file():
-            for line in path.read_text().splitlines():
-                r = json.loads(line)
-                records.setdefault(r["user"], []).append(r)
+    for pred_dir in sorted(out.glob("user_*/fold_*/eval/predictions")):
+        if (pred_dir.parents[1] / "fold.json").is_file():
+            for user, found in read_done(pred_dir).items():
+                records.setdefault(user, []).extend(found)
     return records
 
 

@@ -3,9 +3,13 @@ steps (after two warm-up steps) of `pigg.train.train()` on the real 8B architect
 weights and 1080x2400 screenshots. Prints the busiest CUDA kernels and the step's CUDA vs wall time
 (a wall time well above the CUDA time means the GPU waits on Python, data or synchronisation).
 
-    PYTHONPATH=src python bench/profile_train_step.py   # writes $OUT/profile_train_step.txt
+    PYTHONPATH=src python bench/profile_train_step.py [SETTING=VALUE ...]   # writes $OUT/profile_train_step.txt
+
+Settings are train settings given as to the CLI, e.g. torch_compile=true; with any, the output file is
+named after them (profile_train_step_torch_compile-true.txt).
 """
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
 from phone_8b import phone_users_and_8b
+import yaml
+
 from pigg import config as C
 from pigg.train import train
 
@@ -46,6 +52,10 @@ def main():
     t = cfg.train
     t.max_steps, t.save_steps, t.learning_rate = STOP + 1, 10_000, 1e-4
     t.output_dir, t.log_dir = str(root / "out"), str(root / "logs")
+    settings = sys.argv[1:]
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        setattr(t, key, yaml.safe_load(value))
     profiler = Profiler()
     train(cfg, callbacks=[profiler])
     events = profiler.prof.key_averages()
@@ -57,7 +67,8 @@ def main():
                f"CUDA kernels {cuda_total:.0f} ms")
     print(text + "\n" + summary)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "profile_train_step.txt").write_text(text + "\n" + summary + "\n")
+        name = "_".join(["profile_train_step", *(s.replace("=", "-") for s in settings)])
+        Path(os.environ["OUT"], f"{name}.txt").write_text(text + "\n" + summary + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One H100's runs for this session, in parts of under 10 minutes each (the device tool's limit per
-# command): bash bench/session_1gpu.sh 1|2|3|4. Each benchmark variant runs in a process of its own (Liger's
+# command): bash bench/session_1gpu.sh 1..5. Each benchmark variant runs in a process of its own (Liger's
 # patches and compiled graphs stay in a process) and writes $OUT/train_throughput_VARIANT.json.
 set -u
 cd "$(dirname "$0")/.."
@@ -20,5 +20,8 @@ case "${1:-1}" in
      variant pigg_default_full_compiled 260 ;;
   3) variant lever_torch_compile 240 ;;
   4) variant pigg_default_lora_no_dropout 120
-     variant pigg_default_lora_compiled_no_dropout 200 ;;
+     variant pigg_default_lora_compiled_no_dropout 200
+     variant pigg_default_lora_no_cudnn_attention 120 ;;
+  5) timeout 60 python3 bench/attention_grads.py 2>&1 | grep -v "^{"
+     timeout 260 python3 bench/profile_train_step.py torch_compile=true 2>&1 | tail -42 ;;
 esac

@@ -15,8 +15,6 @@ median step) and peak memory is the run's own
   full_fsdp_{N}gpu      full fine-tuning, FSDP2 over N GPUs, effective batch 8
   lora_ddp_{N}gpu_weak  LoRA, DDP, 8 samples per GPU per step (effective 8N): scaling with the same
                         per-GPU work as one GPU
-  lora_ddp_{N}gpu_compiled  LoRA DDP with train.torch_compile: fewer kernels to launch per micro-batch
-                        (pigg refuses it with FSDP: there it recompiled every other step)
   (with 4 or more GPUs also lora_ddp_2gpu and full_fsdp_2gpu)
   seed_devicemap_2gpu   the seed's full fine-tuning: device_map="auto" over GPUs 0,1 (one GPU works at a
                         time), batch 1 x accumulation 8, checkpointing, on pre-made batches
@@ -56,15 +54,13 @@ class Variant:
     gpus: int
     effective_batch: int = 8
     devicemap: bool = False  # the seed's recipe instead of pigg
-    compiled: bool = False  # train.torch_compile
 
 
 def variants(n: int) -> list[Variant]:
     chosen = [Variant("lora_1gpu", "lora", 1)]
     if n >= 2:
         chosen += [Variant(f"lora_ddp_{n}gpu", "lora", n), Variant(f"full_fsdp_{n}gpu", "full", n),
-                   Variant(f"lora_ddp_{n}gpu_weak", "lora", n, effective_batch=8 * n),
-                   Variant(f"lora_ddp_{n}gpu_compiled", "lora", n, compiled=True)]
+                   Variant(f"lora_ddp_{n}gpu_weak", "lora", n, effective_batch=8 * n)]
     if n >= 4:
         chosen += [Variant("lora_ddp_2gpu", "lora", 2), Variant("full_fsdp_2gpu", "full", 2)]
     if n >= 2:
@@ -79,8 +75,7 @@ def pigg_command(v: Variant, model_dir: Path, data_dir: Path, out: Path, steps: 
             "--data-root", str(data_dir), "--users", USERS, f"--{v.method}",
             "--gpus", ",".join(str(i) for i in range(v.gpus)), "--effective-batch", str(v.effective_batch),
             "--max-steps", str(steps), "--save-steps", "100000", "--train.logging_steps", "1", "--lr", "1e-5",
-            "--output-dir", str(out), "--train.log_dir", str(out / "logs"),
-            *(["--train.torch_compile", "true"] if v.compiled else [])]
+            "--output-dir", str(out), "--train.log_dir", str(out / "logs")]
 
 
 def run_logged(cmd: list[str], log: Path, timeout: float, env=None) -> int:

@@ -59,6 +59,9 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
     "pigg_default_lora_no_dropout": ("lora", {"lora.dropout": 0.0}, 16),
     "pigg_default_lora_compiled_no_dropout": ("lora", {"torch_compile": True, "lora.dropout": 0.0}, 16),
     "pigg_default_full_compiled": ("full", {"torch_compile": True}, 6),
+    # Attention without cuDNN's kernels (Flash without padding, memory-efficient with): is cuDNN's backward
+    # what makes the eager curve differ from the compiled one (bench/attention_grads.py)?
+    "pigg_default_lora_no_cudnn_attention": ("lora", {"cudnn_attention": False}, 16),
 }
 # Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
 # it where installed: give each variant a process of its own (`... train_throughput.py NAME --json F`)
@@ -67,7 +70,7 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
 ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lever_no_checkpointing",
          "lever_logits_on_labels_only", "lever_workers_8", "lever_fused_adamw", "lever_bf16_adapter_inputs",
          "lever_torch_compile", "pigg_default_lora_compiled", "pigg_default_lora_no_dropout",
-         "pigg_default_lora_compiled_no_dropout",
+         "pigg_default_lora_compiled_no_dropout", "pigg_default_lora_no_cudnn_attention",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]
 LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it
@@ -109,13 +112,14 @@ def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
     timer = StepTimer()
     folder = train(cfg, callbacks=[timer])
     plan = json.loads((folder / "provenance.json").read_text())["batch_plan"]
+    losses = [loss for _, loss in loss_curve(folder)]
     shutil.rmtree(root / name)  # a full fine-tuning output with its checkpoint is ~65 GB
     rate, steps_s = step_rate(timer)
     return dict(name=name, method=method, settings=settings, micro_batch=plan["micro_batch"],
                 grad_accum=plan["grad_accum"], checkpointing=plan["gradient_checkpointing"],
                 samples_per_s=round(rate, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                 mfu_pct=mfu_pct(rate, tokens, method), epoch_hours_90727=round(90727 / rate / 3600, 2),
-                step_seconds=steps_s, losses=[loss for _, loss in loss_curve(folder)])
+                step_seconds=steps_s, losses=losses)
 
 
 def trl_variant(model_dir, data_dir, tokens) -> dict:

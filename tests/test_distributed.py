@@ -186,15 +186,6 @@ def test_ddp_trains_like_one_process(one_process, tiny_dir, synth_root, tmp_path
     assert supervised_tokens(log) and supervised_tokens(log) == supervised_tokens(reference)  # summed over ranks
 
 
-def test_ddp_with_compiled_layers_trains_like_one_eager_process(one_process, tiny_dir, synth_root, tmp_path):
-    cfg = run_config(tiny_dir, synth_root, tmp_path / "ddp_compiled")
-    cfg.train.torch_compile = True
-    folder, run = train_in_processes(cfg, tmp_path, nproc=2)
-    assert "DDP over 2 processes" in run.stdout and "torch.compile: 2 decoder layers" in run.stdout
-    assert losses(folder) == pytest.approx(losses(one_process["lora"]), rel=1e-5) and len(losses(folder)) == 4
-    assert_same_weights(weights(folder), weights(one_process["lora"]))
-
-
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_lora_resumes_on_another_process_count(first, then, one_process, tiny_dir, synth_root, tmp_path):
     folder, _ = train_in_processes(run_config(tiny_dir, synth_root, tmp_path / "run", steps=2), tmp_path, first)

@@ -81,10 +81,14 @@ class TrainConfig:
     torch_compile: bool = opt(False, "Compile each decoder layer of the language model with torch.compile (one "
                                      "graph serves all 36; the first step waits ~35 s). LoRA +13% on an H100, but "
                                      "its loss curve is not yet proven the same (README, Training speed). Liger "
-                                     "stays off unless asked for; refused with FSDP.")
+                                     "stays off unless asked for; one process only (refused with --gpus a,b).")
     lora_input_fp32: bool = opt(False, "Cast each adapted layer's input to the adapters' float32 before the LoRA dropout "
                                        "(PEFT's default); off, it stays bf16 under autocast: the same values after "
                                        "autocast's cast, without two extra copies of every activation.")
+    cudnn_attention: bool = opt(True, "Let PyTorch's attention (SDPA) use cuDNN's kernels, its first choice on an H100; "
+                                      "off, Flash or the memory-efficient kernel (~7% slower on an H100). On random "
+                                      "inputs their gradients are as accurate (bench/attention_grads.py); turn it off "
+                                      "if a run's loss or gradients turn NaN (torch issue 196678).")
     seed: int = opt(42, "Random seed (data order, dropout, initialisation of adapters).")
     log_dir: str = opt("logs", "Folder for the run's text log.")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in the output folder.")

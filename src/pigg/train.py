@@ -100,7 +100,8 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
     )
     print_processes(trainer, cfg.train, model)
     with (liger_kernels(model, use_liger(cfg.train.liger_kernel, cfg.train.torch_compile)),
-          adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32)):
+          adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32),
+          cudnn_attention(cfg.train.cudnn_attention)):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer, plan
 
@@ -114,6 +115,17 @@ def adapter_input_casts(model, args, fp32: bool):
     from peft.helpers import disable_input_dtype_casting
 
     return disable_input_dtype_casting(model)
+
+
+@contextlib.contextmanager
+def cudnn_attention(on: bool):
+    """While training, allow or forbid cuDNN's SDPA kernels (a process-wide switch, restored after)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(on)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def print_processes(trainer, train_cfg, model) -> None:
@@ -135,12 +147,14 @@ def use_liger(setting: bool | None, compiled: bool = False) -> bool:
 
 
 def check_compile(train_cfg, world: int) -> None:
-    """Refuse torch.compile under FSDP before the model is loaded. Measured on 4 H100s
-    (bench/results/train_multi_gpu_4gpu_h100.json): the layers recompiled at every other step, 13 s
-    a step instead of 0.6 s."""
-    if train_cfg.torch_compile and strategy(train_cfg, world) == "fsdp":
-        raise C.ConfigError("train.torch_compile does not work with FSDP (the layers recompile at every other "
-                            "step): leave it off, or pass --train.distributed ddp")
+    """Refuse torch.compile with several processes, before the model is loaded. Each process compiles
+    a new graph whenever its micro-batches bring a new variant of the inputs (padding or none, ...),
+    at steps of its own, and the others wait for it at the gradient all-reduce. Measured on 4 H100s
+    (bench/results/train_multi_gpu_4gpu_h100_*.json): with DDP, steps of 24-32 s between steps of
+    0.4 s, not settled after 24 steps; with FSDP, 13 s a step."""
+    if train_cfg.torch_compile and world > 1:
+        raise C.ConfigError("train.torch_compile works with one process only: with several, each recompiles at "
+                            "steps of its own and the others wait (24-32 s steps on 4 H100s); leave it off")
 
 
 def compile_decoder_layers(model) -> None:
@@ -160,8 +174,8 @@ def compile_decoder_layers(model) -> None:
         layer.compile(dynamic=True)
     print(f"torch.compile: {len(layers)} decoder layers (compiled during the first steps)")
     print("note: on the 8B model on an H100 the compiled run's LoRA loss fell faster at steps 3-4 than every "
-          "eager layout (12.33 vs 12.97 at step 3), then the curves met; not yet explained, so compare with an "
-          "eager run before relying on it (README, Training speed)")
+          "eager layout (12.33 vs 12.97 at step 3), then the curves met; not LoRA dropout, not the attention "
+          "kernel, not yet explained, so compare with an eager run before relying on it (README, Training speed)")
 
 
 def unwrapped(model):

@@ -18,10 +18,9 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
-
-from phone_8b import phone_users_and_8b
 import yaml
 
+from phone_8b import phone_users_and_8b
 from pigg import config as C
 from pigg.train import train
 
@@ -53,9 +52,8 @@ def main():
     t.max_steps, t.save_steps, t.learning_rate = STOP + 1, 10_000, 1e-4
     t.output_dir, t.log_dir = str(root / "out"), str(root / "logs")
     settings = sys.argv[1:]
-    for setting in settings:
-        key, _, value = setting.partition("=")
-        setattr(t, key, yaml.safe_load(value))
+    pairs = (setting.partition("=") for setting in settings)
+    C.from_dict({"train": {key: yaml.safe_load(value) for key, _, value in pairs}}, cfg, source="command line")
     profiler = Profiler()
     train(cfg, callbacks=[profiler])
     events = profiler.prof.key_averages()

@@ -132,7 +132,8 @@ def measure_pigg(v: Variant, model_dir: Path, data_dir: Path, root: Path, steps:
     return {**result, "samples_per_s": round(sps, 2), "sec_per_optimizer_step": round(dt, 3),
             "peak_gib_per_gpu": max(timing["peak_gib"]) if timing["peak_gib"] else None,
             "mfu_per_gpu": round(mfu(v.method, sps, tokens, v.gpus), 3), "tokens_per_sample": tokens,
-            "timed_steps": len(steps_s), "step_seconds": [round(x, 3) for x in steps_s], "losses": [round(x, 3) for x in timing["loss"]],
+            "timed_steps": len(steps_s), "step_seconds": [round(x, 3) for x in steps_s],
+            "losses": [round(x, 3) for x in timing["loss"]],
             "batch_plan": plan.group(1) if plan else None, "processes": processes.group(1) if processes else None,
             "final_weights_saved": saved, "epoch_hours_90727": round(90727 / sps / 3600, 2)}
 

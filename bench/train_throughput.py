@@ -104,9 +104,11 @@ def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
     t.method, t.max_steps, t.save_steps, t.logging_steps, t.warmup_steps = method, steps, 10_000, 1, 2
     t.learning_rate = LORA_LR if method == "lora" else 1e-6
     t.output_dir, t.log_dir = str(root / name), str(root / "logs")
-    for key, value in settings.items():  # "lora.dropout" sets cfg.lora.dropout; a bare name a train setting
+    sections = {}  # "lora.dropout" sets cfg.lora.dropout; a bare name a train setting
+    for key, value in settings.items():
         section, _, field = key.rpartition(".")
-        setattr(getattr(cfg, section) if section else t, field, value)
+        sections.setdefault(section or "train", {})[field] = value
+    C.from_dict(sections, cfg, source=name)  # a misspelt setting is an error, not a new attribute
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     timer = StepTimer()

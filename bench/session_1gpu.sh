@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One H100's runs for this session, in parts of under 10 minutes each (the device tool's limit per
-# command): bash bench/session_1gpu.sh 1..5. Each benchmark variant runs in a process of its own (Liger's
+# One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
+# on H100s, 6-9 on an H200): bash bench/session_1gpu.sh 1..9. Each variant runs in a process of its own (Liger's
 # patches and compiled graphs stay in a process) and writes $OUT/train_throughput_VARIANT.json.
 set -u
 cd "$(dirname "$0")/.."
@@ -24,4 +24,14 @@ case "${1:-1}" in
      variant pigg_default_lora_no_cudnn_attention 120 ;;
   5) timeout 60 python3 bench/attention_grads.py 2>&1 | grep -v "^{"
      timeout 260 python3 bench/profile_train_step.py torch_compile=true 2>&1 | tail -42 ;;
+  6) timeout 200 python3 bench/compile_grads.py 2>&1 | grep -v "Warning"
+     variant pigg_default_lora 130
+     variant pigg_default_lora_compiled 210 ;;
+  7) timeout 230 python3 bench/compile_grads.py 2>&1 | grep -A30 first_update
+     timeout 260 python3 bench/profile_train_step.py 2>&1 | tail -42 ;;
+  8) variant pigg_default_lora_mb4 110
+     variant pigg_default_lora_mb8_checkpointing 120
+     variant pigg_default_full 220 ;;
+  9) variant pigg_default_lora_80gb 120
+     variant pigg_default_full 190 ;;
 esac

@@ -62,6 +62,13 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
     # Attention without cuDNN's kernels (Flash without padding, memory-efficient with): is cuDNN's backward
     # what makes the eager curve differ from the compiled one (bench/attention_grads.py)?
     "pigg_default_lora_no_cudnn_attention": ("lora", {"cudnn_attention": False}, 16),
+    # On a GPU with more memory than the H100's 80 GB the plan is micro-batch 8 without checkpointing:
+    # micro-batch 4 x 2 there (how much of the rate is the micro-batch, how much the card), micro-batch 8
+    # with every layer recomputed, and pigg's default planned for (and capped at) an H100's 79.2 GiB.
+    "pigg_default_lora_mb4": ("lora", {"batch_size": 4}, 8),
+    "pigg_default_lora_mb8_checkpointing": ("lora", {"batch_size": 8, "gradient_checkpointing": True}, 8),
+    "pigg_default_lora_80gb": ("lora", {"gpu_memory_gib": 79.2}, 8),
+    "pigg_default_full_80gb": ("full", {"gpu_memory_gib": 79.2}, 6),
 }
 # Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
 # it where installed: give each variant a process of its own (`... train_throughput.py NAME --json F`)
@@ -70,7 +77,8 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
 ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lever_no_checkpointing",
          "lever_logits_on_labels_only", "lever_workers_8", "lever_fused_adamw", "lever_bf16_adapter_inputs",
          "lever_torch_compile", "pigg_default_lora_compiled", "pigg_default_lora_no_dropout",
-         "pigg_default_lora_compiled_no_dropout", "pigg_default_lora_no_cudnn_attention",
+         "pigg_default_lora_compiled_no_dropout", "pigg_default_lora_no_cudnn_attention", "pigg_default_lora_mb4",
+         "pigg_default_lora_mb8_checkpointing", "pigg_default_lora_80gb", "pigg_default_full_80gb",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]
 LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it
@@ -115,13 +123,14 @@ def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
     folder = train(cfg, callbacks=[timer])
     plan = json.loads((folder / "provenance.json").read_text())["batch_plan"]
     losses = [loss for _, loss in loss_curve(folder)]
+    grad_norms = [norm for _, norm in loss_curve(folder, "grad_norm")]  # before clipping
     shutil.rmtree(root / name)  # a full fine-tuning output with its checkpoint is ~65 GB
     rate, steps_s = step_rate(timer)
     return dict(name=name, method=method, settings=settings, micro_batch=plan["micro_batch"],
-                grad_accum=plan["grad_accum"], checkpointing=plan["gradient_checkpointing"],
+                grad_accum=plan["grad_accum"], checkpointing=plan["checkpointed_layers"],
                 samples_per_s=round(rate, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                 mfu_pct=mfu_pct(rate, tokens, method), epoch_hours_90727=round(90727 / rate / 3600, 2),
-                step_seconds=steps_s, losses=losses)
+                step_seconds=steps_s, losses=losses, grad_norms=grad_norms)
 
 
 def trl_variant(model_dir, data_dir, tokens) -> dict:
@@ -160,7 +169,7 @@ def trl_variant(model_dir, data_dir, tokens) -> dict:
                          processing_class=AutoProcessor.from_pretrained(model_dir))
     trainer.train()
     rate, steps_s = step_rate(timer)
-    result = dict(name="trl_sft_best", method="lora", settings=dict(micro_batch=4, grad_accum=2, checkpointing=False,
+    result = dict(name="trl_sft_best", method="lora", settings=dict(micro_batch=4, grad_accum=2, checkpointing=0,
                   workers=8, liger=True), samples_per_s=round(rate, 2),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1), mfu_pct=mfu_pct(rate, tokens, "lora"),
                   epoch_hours_90727=round(90727 / rate / 3600, 2), step_seconds=steps_s)

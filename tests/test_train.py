@@ -214,3 +214,46 @@ def test_compile_is_refused_with_several_processes():
             check_compile(t, 2)
         t.torch_compile = False
         check_compile(t, 2)
+
+
+def test_checkpointing_some_layers_recomputes_only_those_and_changes_no_gradient(tiny_dir):
+    from pigg.config import LoraSettings, ModelConfig
+    from pigg.model import load_model, prepare_model
+    from pigg.train import checkpoint_layers, unwrapped
+
+    model = prepare_model(load_model(ModelConfig(name_or_path=str(tiny_dir)), "cpu"), "lora", LoraSettings(dropout=0.0))
+    model.train()
+    layers = unwrapped(model).model.language_model.layers
+    assert len(layers) == 2
+    # Each layer's MLP starts once forward, and again in the backward pass if recomputed (a pre-hook: the
+    # recomputation stops as soon as it has what the backward pass needs, before the MLP returns).
+    runs = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.mlp.register_forward_pre_hook(lambda module, args, i=i: runs.__setitem__(i, runs[i] + 1))
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        runs[:] = [0] * len(layers)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    assert runs == [1, 1]
+    checkpoint_layers(model, 1)
+    partial = gradients()
+    assert runs == [2, 1]  # the first layer recomputed, the second kept its activations
+    checkpoint_layers(model, 2)
+    everywhere = gradients()
+    assert runs == [2, 2]
+    assert plain.keys() == partial.keys() == everywhere.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(partial[name], plain[name])
+        torch.testing.assert_close(everywhere[name], plain[name])
+
+
+def test_gpu_memory_setting_is_checked():
+    t = C.TrainConfig(gpu_memory_gib=0)
+    cfg = C.RunConfig(train=t)
+    with pytest.raises(C.ConfigError, match="gpu_memory_gib must be > 0"):
+        C.validate(cfg)

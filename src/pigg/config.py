@@ -66,8 +66,11 @@ class TrainConfig:
     warmup_steps: int = opt(50, "Linear warm-up steps.")
     lr_scheduler: str = opt("linear", "Learning-rate schedule after warm-up (transformers' names).")
     weight_decay: float = opt(0.01, "AdamW weight decay.")
-    gradient_checkpointing: bool | None = opt(None, "Recompute activations in the backward pass to save memory "
-                                                    "(None: only if the micro-batch would not fit without; off on CPU).")
+    gradient_checkpointing: bool | None = opt(None, "Recompute activations in the backward pass to save memory: "
+                                                    "true on every decoder layer, false on none (None: on as few "
+                                                    "layers as the chosen micro-batch needs to fit; off on CPU).")
+    gpu_memory_gib: float | None = opt(None, "GiB of the GPU a training process may use (None: all of it); the batch "
+                                             "plan is chosen for it and PyTorch's allocator is capped there.")
     logits_on_labels_only: bool = opt(True, "Compute lm_head and the loss only where a token is supervised "
                                             "(the same loss; the 151,936-way logits elsewhere are wasted work).")
     save_steps: int = opt(500, "Save a resumable checkpoint every this many optimizer steps.")
@@ -79,9 +82,10 @@ class TrainConfig:
                                           "installed, a GPU trains and torch_compile is off; pip install 'pigg[fast]').")
     optimizer: str = opt("adamw_torch_fused", "transformers' optimizer name (AdamW; the fused kernel by default).")
     torch_compile: bool = opt(False, "Compile each decoder layer of the language model with torch.compile (one "
-                                     "graph serves all 36; the first step waits ~35 s). LoRA +13% on an H100, but "
-                                     "its loss curve is not yet proven the same (README, Training speed). Liger "
-                                     "stays off unless asked for; one process only (refused with --gpus a,b).")
+                                     "graph serves all 36; the first step waits ~35 s). LoRA +13% on an H100 at "
+                                     "micro-batch 4, nothing on an H200 at 8. Its LoRA curve falls faster at first: "
+                                     "it keeps small adapter updates that eager bf16 rounds away (README, Training "
+                                     "speed). Liger stays off unless asked for; one process only.")
     lora_input_fp32: bool = opt(False, "Cast each adapted layer's input to the adapters' float32 before the LoRA dropout "
                                        "(PEFT's default); off, it stays bf16 under autocast: the same values after "
                                        "autocast's cast, without two extra copies of every activation.")
@@ -181,6 +185,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         p.append(f"train.learning_rate must be > 0, got {t.learning_rate}")
     if t.epochs <= 0 and t.max_steps <= 0:
         p.append("train.epochs must be > 0 unless train.max_steps is set")
+    if t.gpu_memory_gib is not None and not t.gpu_memory_gib > 0:
+        p.append(f"train.gpu_memory_gib must be > 0, got {t.gpu_memory_gib}")
     if t.warmup_steps < 0 or t.weight_decay < 0 or t.dataloader_workers < 0:
         p.append("train.warmup_steps, train.weight_decay and train.dataloader_workers must be >= 0")
     if t.distributed not in ("auto", "ddp", "fsdp"):

@@ -50,10 +50,12 @@ def prepare(out: Path) -> None:
         print(f"demo: tiny Qwen3-VL with the real tokenizer in {out / 'tiny-qwen3-vl'}")
 
 
-def loss_curve(folder: Path) -> list[tuple[int, float]]:
+def loss_curve(folder: Path, key: str = "loss") -> list[tuple[int, float]]:
+    """(step, value) of the training loss (or another value the Trainer logged, e.g. grad_norm) as the
+    run's newest checkpoint recorded them."""
     checkpoints = sorted((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
-    return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+    return [(h["step"], h[key]) for h in state["log_history"] if key in h]
 
 
 def personal_config(out: Path, base: Path) -> C.RunConfig:

@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from pigg import config as C
-from pigg.batching import BatchPlan, estimate_peak, plan_batch, world_size
+from pigg.batching import BatchPlan, GiB, estimate_peak, plan_batch, world_size
 from pigg.collate import TrainCollator, sample_length
 from pigg.data import load_samples
 from pigg.distributed import (describe, is_main, load_optimizer_across_layouts, load_weights_across_layouts, strategy,
@@ -82,12 +82,7 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
     plan = batch_plan(cfg.train, model, tokens_per_sample)
     print(plan.describe())
     if plan.gradient_checkpointing:
-        # transformers 5.24 renamed it (the old name still works there, with a warning)
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        checkpoint_layers(model, plan.checkpointed_layers)
     if cfg.train.torch_compile:
         compile_decoder_layers(model)
     trainer = GlobalTrainer(
@@ -157,6 +152,19 @@ def check_compile(train_cfg, world: int) -> None:
                             "steps of its own and the others wait (24-32 s steps on 4 H100s); leave it off")
 
 
+def checkpoint_layers(model, count: int) -> None:
+    """Recompute the activations of the first `count` decoder layers in the backward pass (all of them
+    when `count` is the number of layers); the other layers keep theirs."""
+    # transformers 5.24 renamed it (the old name still works there, with a warning)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    for i, layer in enumerate(unwrapped(model).model.language_model.layers):
+        layer.gradient_checkpointing = i < count
+
+
 def compile_decoder_layers(model) -> None:
     """torch.compile each decoder layer of the language model in place (regional compilation).
 
@@ -173,9 +181,9 @@ def compile_decoder_layers(model) -> None:
     for layer in layers:
         layer.compile(dynamic=True)
     print(f"torch.compile: {len(layers)} decoder layers (compiled during the first steps)")
-    print("note: on the 8B model on an H100 the compiled run's LoRA loss fell faster at steps 3-4 than every "
-          "eager layout (12.33 vs 12.97 at step 3), then the curves met; not LoRA dropout, not the attention "
-          "kernel, not yet explained, so compare with an eager run before relying on it (README, Training speed)")
+    print("note: with LoRA the compiled loss falls faster in the first steps than eager's (12.33 vs 12.97 at step 3 "
+          "on the 8B): eager bf16 rounds away most of the adapters' first small updates, compiled keeps them, as "
+          "float32 does (bench/compile_grads.py; README, Training speed)")
 
 
 def unwrapped(model):
@@ -229,14 +237,28 @@ def check_lengths(processor, samples, sizes, max_length: int) -> None:
 
 def batch_plan(train_cfg, model, tokens_per_sample: int) -> BatchPlan:
     """Micro-batch, accumulation and checkpointing for this run (chosen from GPU memory where not given)."""
-    memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if device() == "cuda" else None
     text_config = model.config.get_text_config()
     shards = world_size() if strategy(train_cfg, world_size()) == "fsdp" else 1
 
-    def estimate(micro_batch, checkpointing):
-        return estimate_peak(model, text_config, micro_batch, tokens_per_sample, checkpointing, shards)
+    def estimate(micro_batch, checkpointed_layers):
+        return estimate_peak(model, text_config, micro_batch, tokens_per_sample, checkpointed_layers, shards)
 
-    return plan_batch(train_cfg, world_size(), memory, estimate)
+    return plan_batch(train_cfg, world_size(), gpu_memory(train_cfg), estimate, text_config.num_hidden_layers)
+
+
+def gpu_memory(train_cfg) -> int | None:
+    """Bytes of the GPU this process may use (None on CPU). With `train.gpu_memory_gib` PyTorch's
+    allocator is capped there too, so that a run planned for less memory cannot use more."""
+    if device() != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if train_cfg.gpu_memory_gib is None:
+        return total
+    cap = int(train_cfg.gpu_memory_gib * GiB)
+    if cap > total:
+        raise C.ConfigError(f"train.gpu_memory_gib {train_cfg.gpu_memory_gib} exceeds this GPU's {total / GiB:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    return cap
 
 
 def _per_user(samples) -> dict:

@@ -32,6 +32,6 @@ case "${1:-1}" in
   8) variant pigg_default_lora_mb4 110
      variant pigg_default_lora_mb8_checkpointing 120
      variant pigg_default_full 220 ;;
-  9) variant pigg_default_lora_80gb 120
+  9) variant pigg_lora_mb8_80gb 120
      variant pigg_default_full 190 ;;
 esac

@@ -44,13 +44,12 @@ def test_cudnn_attention_switch_is_restored():
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
-def test_compile_grads_runs_and_measures(monkeypatch, tmp_path, capsys):
+def test_compile_grads_runs_and_measures(monkeypatch, tmp_path):
     """bench/compile_grads.py end to end with the tiny model on CPU (bf16 autocast)."""
     import json
 
     monkeypatch.syspath_prepend(str(BENCH))
     monkeypatch.setenv("OUT", str(tmp_path))
-    monkeypatch.setattr(sys, "argv", ["compile_grads.py"])
     import compile_grads
 
     try:

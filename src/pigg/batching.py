@@ -120,12 +120,12 @@ def plan_batch(train_cfg, world: int, device_memory: int | None, estimate=None, 
     else:
         candidates = [(b, [layers if t.gradient_checkpointing else 0]) for b in sizes]
     for b, choices in candidates:
-        recomputed = next((k for k in choices if _fits(estimate, b, k, device_memory)), None)
+        recomputed = _fewest_that_fit(estimate, b, choices, device_memory)
         if recomputed is not None:
             need = estimate(b, recomputed) / GiB
             return BatchPlan(b, per_process // b, world, recomputed, layers,
                              f"estimated peak {need:.1f} of {device_memory / GiB:.1f} GiB")
-    recomputed = layers if t.gradient_checkpointing is None else _checkpointed(t, 1, estimate, None, layers)
+    recomputed = 0 if t.gradient_checkpointing is False else layers
     return BatchPlan(1, per_process, world, recomputed, layers,
                      f"estimated peak {estimate(1, recomputed) / GiB:.1f} GiB exceeds {device_memory / GiB:.1f} GiB "
                      "even at micro-batch 1; trying anyway")
@@ -138,8 +138,10 @@ def _checkpointed(t, micro_batch: int, estimate, device_memory: int | None, laye
         return layers if t.gradient_checkpointing else 0
     if device_memory is None:
         return 0
-    return next((k for k in range(layers + 1) if _fits(estimate, micro_batch, k, device_memory)), layers)
+    fewest = _fewest_that_fit(estimate, micro_batch, range(layers + 1), device_memory)
+    return layers if fewest is None else fewest
 
 
-def _fits(estimate, micro_batch: int, checkpointed_layers: int, device_memory: int) -> bool:
-    return estimate(micro_batch, checkpointed_layers) <= USABLE * device_memory
+def _fewest_that_fit(estimate, micro_batch: int, choices, device_memory: int) -> int | None:
+    """The first count of recomputed layers in `choices` at which the micro-batch fits, or None."""
+    return next((k for k in choices if estimate(micro_batch, k) <= USABLE * device_memory), None)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-9 on an H200): bash bench/session_1gpu.sh 1..9. Each variant runs in a process of its own (Liger's
-# patches and compiled graphs stay in a process) and writes $OUT/train_throughput_VARIANT.json.
+# on H100s, 6-11 on an H200): bash bench/session_1gpu.sh 1..11. Each variant runs in a process of its own (Liger's
+# patches and compiled graphs stay in a process) and writes $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
 cd "$(dirname "$0")/.."
 # A variant killed by its time limit leaves its output (~65 GB for full fine-tuning) in its own TMPDIR,
 # removed here, so the next variant still has disk.
-variant() { local tmp; tmp=$(mktemp -d)
-            TMPDIR=$tmp timeout "$2" python3 bench/train_throughput.py "$1" --json "train_throughput_$1.json" 2>&1 \
+variant() { local tmp; tmp=$(mktemp -d)  # NAME SECONDS [SUFFIX]
+            TMPDIR=$tmp timeout "$2" python3 bench/train_throughput.py "$1" --json "train_throughput_$1${3:-}.json" 2>&1 \
               | grep -E "^(device|synthesised|RESULT|variant|pigg_|trl_|lever_|seed_|loss|  seed|  pigg)|Error|error"
             rm -rf "$tmp"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -32,6 +32,14 @@ case "${1:-1}" in
   8) variant pigg_default_lora_mb4 110
      variant pigg_default_lora_mb8_checkpointing 120
      variant pigg_default_full 220 ;;
-  9) variant pigg_lora_mb8_80gb 120
+  9) variant pigg_default_lora_80gb 120
      variant pigg_default_full 190 ;;
+  10) variant pigg_default_lora_80gb 150
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True variant pigg_default_lora_80gb 150 _expandable_segments
+      variant pigg_default_lora_mb4 120 ;;
+  11) variant pigg_default_full 220
+      variant pigg_default_full_80gb 260 ;;
+  12) timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -3
+      variant pigg_default_lora_80gb 150 _liger_swiglu ;;
+  13) variant pigg_default_full_80gb 260 ;;
 esac

@@ -64,11 +64,10 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
     "pigg_default_lora_no_cudnn_attention": ("lora", {"cudnn_attention": False}, 16),
     # On a GPU with more memory than the H100's 80 GB the plan is micro-batch 8 without checkpointing:
     # micro-batch 4 x 2 there (how much of the rate is the micro-batch, how much the card), micro-batch 8
-    # with every layer recomputed, micro-batch 8 in an H100's 79.2 GiB (as few layers recomputed as fit),
-    # and pigg's default full fine-tuning planned for (and capped at) 79.2 GiB.
+    # with every layer recomputed, and pigg's defaults planned for (and capped at) an H100's 79.2 GiB.
     "pigg_default_lora_mb4": ("lora", {"batch_size": 4}, 8),
     "pigg_default_lora_mb8_checkpointing": ("lora", {"batch_size": 8, "gradient_checkpointing": True}, 8),
-    "pigg_lora_mb8_80gb": ("lora", {"batch_size": 8, "gpu_memory_gib": 79.2}, 8),
+    "pigg_default_lora_80gb": ("lora", {"gpu_memory_gib": 79.2}, 12),
     "pigg_default_full_80gb": ("full", {"gpu_memory_gib": 79.2}, 6),
 }
 # Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
@@ -79,7 +78,7 @@ ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lev
          "lever_logits_on_labels_only", "lever_workers_8", "lever_fused_adamw", "lever_bf16_adapter_inputs",
          "lever_torch_compile", "pigg_default_lora_compiled", "pigg_default_lora_no_dropout",
          "pigg_default_lora_compiled_no_dropout", "pigg_default_lora_no_cudnn_attention", "pigg_default_lora_mb4",
-         "pigg_default_lora_mb8_checkpointing", "pigg_lora_mb8_80gb", "pigg_default_full_80gb",
+         "pigg_default_lora_mb8_checkpointing", "pigg_default_lora_80gb", "pigg_default_full_80gb",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]
 LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it

@@ -32,13 +32,36 @@ def test_tiny_lora_trains_in_bf16_on_gpu(tiny_dir, synth_root, tmp_path):
 
     from pigg.train import train
 
-    rope = modeling_qwen3_vl.apply_rotary_pos_emb
+    rope, mlp = modeling_qwen3_vl.apply_rotary_pos_emb, modeling_qwen3_vl.Qwen3VLTextMLP.forward
     folder = train(tiny_run_config(tiny_dir, synth_root, tmp_path, dataloader_workers=2))
     if importlib.util.find_spec("liger_kernel"):  # used by default where installed
-        assert "Liger kernels" in next((tmp_path / "logs").glob("*.log")).read_text()
-    assert modeling_qwen3_vl.apply_rotary_pos_emb is rope  # Liger's process-wide patch is undone
+        assert "Liger kernels: RMSNorm, RoPE and SwiGLU" in next((tmp_path / "logs").glob("*.log")).read_text()
+    # Liger's process-wide patches are undone
+    assert modeling_qwen3_vl.apply_rotary_pos_emb is rope and modeling_qwen3_vl.Qwen3VLTextMLP.forward is mlp
     adapter = load_file(folder / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+
+
+def test_liger_swiglu_matches_the_stock_mlp_on_gpu(tiny_dir):
+    """The MLP with Liger's SiLU-and-product kernel: transformers' output and input gradient within
+    bf16 rounding."""
+    pytest.importorskip("liger_kernel")
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from pigg.train import liger_kernels
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16).cuda()
+    mlp = model.model.language_model.layers[0].mlp
+    x = torch.randn(2, 64, mlp.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    results = []
+    for on in (False, True):
+        with liger_kernels(model, on):
+            out = mlp(x)
+            (grad,) = torch.autograd.grad(out.float().square().sum(), x)
+        results.append((out, grad))
+    (out, grad), (fused_out, fused_grad) = results
+    torch.testing.assert_close(fused_out, out, rtol=2e-2, atol=1e-2 * out.abs().max().item())
+    torch.testing.assert_close(fused_grad, grad, rtol=2e-2, atol=1e-2 * grad.abs().max().item())
 
 
 def test_compiled_decoder_layers_train_like_eager_on_gpu(tiny_dir, synth_root, tmp_path):

@@ -6,25 +6,34 @@ micro-batches keep the GPU busy, and pigg's loss keeps the seed's normalisation 
 mean, averaged over the optimizer step), so the mathematics do not change (tests/test_batching.py).
 
 Activation checkpointing is chosen per decoder layer: when a micro-batch needs it, only as many layers
-recompute their activations as it takes to fit, not all 36 (each recomputed layer costs ~1.2% of a
-LoRA step). Measured on an H200 (8B, bench/results/train_throughput_h200_part*.json): LoRA micro-batch
-8 trains at 10.01 samples/s against 7.99 for 4 x 2, but planned for an H100's 79.2 GiB micro-batch 8
-needs 15 of 36 layers recomputed and then trains at 8.10 (+1%); full fine-tuning at micro-batch 8 with
-10 layers recomputed trains at 8.33 against 8.51 for 4 x 2 without. So a micro-batch of at least 4
-that fits without recomputation is still preferred to a larger one that needs some.
+recompute their activations as it takes to fit, not all 36. A LoRA step at micro-batch 4 waits on
+Python (PEFT runs each adapter op by op), so twice the micro-batch pays for some recomputation: on an
+H200 (8B, bench/results/train_throughput_h200_part*.json) LoRA micro-batch 8 trains at 10.01 samples/s,
+4 x 2 at 7.99, 8 with all 36 layers recomputed at 7.17 (~1.1% a layer). So LoRA takes the largest
+micro-batch that fits with at most a third of the layers recomputed: planned for an H100's 79.2 GiB,
+micro-batch 8 with 11 layers recomputed trained at 8.92 against 7.77 for 4 x 2 (part10). Full
+fine-tuning keeps the GPU busy at micro-batch 4: micro-batch 8 with 10 layers recomputed trained at
+8.33 against 8.51 for 4 x 2 without, so it recomputes only where no micro-batch of 4 or more fits
+without.
 
-The memory model is deliberately simple and calibrated on measurements of the 8B model on an H100
-(bench/results/train_throughput_h100_part*.json): weights and optimizer state from the parameters
-themselves, and activations proportional to tokens x layers x hidden size.
+The memory model is fitted to the 8B's measured peaks (bench/results/train_throughput_*.json): weights
+and optimizer state from the parameters themselves, and activations proportional to tokens x layers x
+hidden size.
 """
 import os
 from dataclasses import dataclass
 
 GiB = 1024 ** 3
-# Activation bytes per token, per layer, per hidden unit. Without checkpointing: 52.7-56.6 GiB peak
-# for LoRA micro-batch 4 x 1,054 tokens (16.7 GiB of weights and adapter state), 87.5 at micro-batch 8
-# (H200); with checkpointing: 17.6 GiB at micro-batch 1. Rounded up for safety.
-ACTIVATION_BYTES = {False: 72, True: 8}
+# Activation bytes kept per token, per decoder layer, per hidden unit, fitted to the 8B's peaks
+# (tests/test_batching.py lists them): 44 for a layer that keeps its activations (full FT; 42 for LoRA
+# without dropout), 60 for LoRA with its dropout (the dropped inputs and masks the adapters keep for the
+# backward), 3 for a recomputed layer (its input), and 1.4 GiB besides. Rounded up for safety: 48,
+# 48 + 16, 4 and HEADROOM.
+KEPT_BYTES = 48
+DROPOUT_BYTES = 16
+RECOMPUTED_BYTES = 4
+# How many of the decoder layers a larger micro-batch may recompute, by method (see above).
+RECOMPUTE_FOR_LARGER_MICRO_BATCH = {"lora": 1 / 3, "full": 0}
 HEADROOM = 2 * GiB  # CUDA context, allocator fragmentation, the frozen vision forward
 USABLE = 0.92  # of the device's memory
 
@@ -73,32 +82,47 @@ def static_bytes(model, shards: int = 1) -> int:
     return total // shards
 
 
-def activation_bytes(text_config, tokens: int, checkpointed_layers: int) -> int:
-    kept = text_config.num_hidden_layers - checkpointed_layers
-    per_unit = ACTIVATION_BYTES[False] * kept + ACTIVATION_BYTES[True] * checkpointed_layers
-    return per_unit * tokens * text_config.hidden_size
+def gradient_bytes(model, shards: int = 1) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) // shards
 
 
-def estimate_peak(model, text_config, micro_batch: int, tokens_per_sample: int, checkpointed_layers: int,
-                  shards: int = 1) -> int:
-    return (static_bytes(model, shards) + HEADROOM
-            + activation_bytes(text_config, micro_batch * tokens_per_sample, checkpointed_layers))
+def estimator(model, text_config, tokens_per_sample: int, shards: int = 1):
+    """`estimate(micro_batch, checkpointed_layers, accumulation)`: the peak bytes a training step needs
+    on one GPU."""
+    static, grads = static_bytes(model, shards) + HEADROOM, gradient_bytes(model, shards)
+    dropout = any(getattr(m, "p", 0) > 0 for name, m in model.named_modules() if name.endswith("lora_dropout.default"))
+    kept = KEPT_BYTES + (DROPOUT_BYTES if dropout else 0)
+    layers = text_config.num_hidden_layers
+    units = tokens_per_sample * text_config.hidden_size  # of one sample in one layer
+
+    def estimate(micro_batch: int, checkpointed_layers: int, accumulation: int) -> int:
+        per_unit = kept * (layers - checkpointed_layers) + RECOMPUTED_BYTES * checkpointed_layers
+        activations = per_unit * micro_batch * units
+        if accumulation > 1:  # the earlier micro-batches' gradients are held through each backward
+            return static + activations
+        # one micro-batch a step: its backward makes the gradients as it frees the activations, and
+        # the optimizer step holds them all (full FT at micro-batch 8 on an H200: 98.9 GiB with no
+        # layer recomputed, 62.8 with 34)
+        return static - grads + max(grads, activations)
+
+    return estimate
 
 
 def plan_batch(train_cfg, world: int, device_memory: int | None, estimate=None, layers: int = 1) -> BatchPlan:
     """Split `train_cfg.effective_batch` over `world` processes.
 
     `train_cfg.batch_size` / `grad_accum` / `gradient_checkpointing` left as None are chosen here:
-    on a GPU (`device_memory` known) from `estimate(micro_batch, checkpointed_layers)`, the first that
-    fits of: the largest micro-batch of at least 4 (or the whole per-process batch) without
-    recomputation; the largest micro-batch with as few of the `layers` decoder layers recomputed as it
-    needs. On CPU micro-batch 1 without checkpointing. A given `gradient_checkpointing` means all layers
+    on a GPU (`device_memory` known) from `estimate(micro_batch, checkpointed_layers, accumulation)`,
+    the first that fits of: the largest micro-batch of at least 4 (or the whole per-process batch) with no more of the
+    `layers` decoder layers recomputed than the method allows for it (RECOMPUTE_FOR_LARGER_MICRO_BATCH);
+    the largest micro-batch with as few layers recomputed as it needs. On CPU micro-batch 1 without checkpointing. A given `gradient_checkpointing` means all layers
     or none.
     """
     t = train_cfg
     if t.grad_accum is not None:  # the seed's way of saying it: batch x accumulation (x processes)
         micro = t.batch_size or 1
-        return BatchPlan(micro, t.grad_accum, world, _checkpointed(t, micro, estimate, device_memory, layers), layers,
+        recomputed = _checkpointed(t, micro, t.grad_accum, estimate, device_memory, layers)
+        return BatchPlan(micro, t.grad_accum, world, recomputed, layers,
                          "train.grad_accum given: the effective batch is batch x accumulation x processes")
     if t.effective_batch % world:
         raise ValueError(f"train.effective_batch {t.effective_batch} is not divisible by the {world} processes")
@@ -107,41 +131,43 @@ def plan_batch(train_cfg, world: int, device_memory: int | None, estimate=None, 
         if per_process % t.batch_size:
             raise ValueError(f"train.batch_size {t.batch_size} does not divide the {per_process} samples each of the "
                              f"{world} process(es) takes per step (train.effective_batch {t.effective_batch})")
-        recomputed = _checkpointed(t, t.batch_size, estimate, device_memory, layers)
-        return BatchPlan(t.batch_size, per_process // t.batch_size, world, recomputed, layers,
+        accumulation = per_process // t.batch_size
+        recomputed = _checkpointed(t, t.batch_size, accumulation, estimate, device_memory, layers)
+        return BatchPlan(t.batch_size, accumulation, world, recomputed, layers,
                          "train.batch_size given")
     if device_memory is None:
-        return BatchPlan(1, per_process, world, _checkpointed(t, 1, estimate, None, layers), layers,
+        return BatchPlan(1, per_process, world, _checkpointed(t, 1, per_process, estimate, None, layers), layers,
                          "no GPU: micro-batch 1")
     sizes = [b for b in range(per_process, 0, -1) if per_process % b == 0]
-    if t.gradient_checkpointing is None:  # prefer no recomputation at a micro-batch that fills the GPU
-        candidates = [(b, [0]) for b in sizes if b >= min(4, per_process)]
+    if t.gradient_checkpointing is None:  # a micro-batch that fills the GPU, with little or no recomputation
+        allowed = int(layers * RECOMPUTE_FOR_LARGER_MICRO_BATCH[t.method])
+        candidates = [(b, range(allowed + 1)) for b in sizes if b >= min(4, per_process)]
         candidates += [(b, range(1, layers + 1)) for b in sizes]
     else:
         candidates = [(b, [layers if t.gradient_checkpointing else 0]) for b in sizes]
     for b, choices in candidates:
-        recomputed = _fewest_that_fit(estimate, b, choices, device_memory)
+        recomputed = _fewest_that_fit(estimate, b, per_process // b, choices, device_memory)
         if recomputed is not None:
-            need = estimate(b, recomputed) / GiB
+            need = estimate(b, recomputed, per_process // b) / GiB
             return BatchPlan(b, per_process // b, world, recomputed, layers,
                              f"estimated peak {need:.1f} of {device_memory / GiB:.1f} GiB")
     recomputed = 0 if t.gradient_checkpointing is False else layers
     return BatchPlan(1, per_process, world, recomputed, layers,
-                     f"estimated peak {estimate(1, recomputed) / GiB:.1f} GiB exceeds {device_memory / GiB:.1f} GiB "
+                     f"estimated peak {estimate(1, recomputed, per_process) / GiB:.1f} GiB exceeds {device_memory / GiB:.1f} GiB "
                      "even at micro-batch 1; trying anyway")
 
 
-def _checkpointed(t, micro_batch: int, estimate, device_memory: int | None, layers: int) -> int:
+def _checkpointed(t, micro_batch: int, accumulation: int, estimate, device_memory: int | None, layers: int) -> int:
     """Decoder layers to recompute at a given micro-batch: all or none when the setting says so, else as
     few as fit (none on CPU)."""
     if t.gradient_checkpointing is not None:
         return layers if t.gradient_checkpointing else 0
     if device_memory is None:
         return 0
-    fewest = _fewest_that_fit(estimate, micro_batch, range(layers + 1), device_memory)
+    fewest = _fewest_that_fit(estimate, micro_batch, accumulation, range(layers + 1), device_memory)
     return layers if fewest is None else fewest
 
 
-def _fewest_that_fit(estimate, micro_batch: int, choices, device_memory: int) -> int | None:
+def _fewest_that_fit(estimate, micro_batch: int, accumulation: int, choices, device_memory: int) -> int | None:
     """The first count of recomputed layers in `choices` at which the micro-batch fits, or None."""
-    return next((k for k in choices if estimate(micro_batch, k) <= USABLE * device_memory), None)
+    return next((k for k in choices if estimate(micro_batch, k, accumulation) <= USABLE * device_memory), None)

@@ -78,8 +78,9 @@ class TrainConfig:
     logging_steps: int = opt(10, "Log loss, learning rate and supervised tokens every this many steps.")
     dataloader_workers: int = opt(8, "Processes that decode images and tokenize (0: in the main process); a 1080p "
                                      "screenshot takes ~20 ms, so 8 feed even a fast GPU.")
-    liger_kernel: bool | None = opt(None, "Liger's fused RMSNorm and RoPE kernels (None: on when liger-kernel is "
-                                          "installed, a GPU trains and torch_compile is off; pip install 'pigg[fast]').")
+    liger_kernel: bool | None = opt(None, "Liger's fused RMSNorm, RoPE and SwiGLU kernels (None: on when liger-kernel "
+                                          "is installed, a GPU trains and torch_compile is off; pip install "
+                                          "'pigg[fast]').")
     optimizer: str = opt("adamw_torch_fused", "transformers' optimizer name (AdamW; the fused kernel by default).")
     torch_compile: bool = opt(False, "Compile each decoder layer of the language model with torch.compile (one "
                                      "graph serves all 36; the first step waits ~35 s). LoRA +13% on an H100 at "

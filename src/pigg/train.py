@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from pigg import config as C
-from pigg.batching import BatchPlan, GiB, estimate_peak, plan_batch, world_size
+from pigg.batching import BatchPlan, GiB, estimator, plan_batch, world_size
 from pigg.collate import TrainCollator, sample_length
 from pigg.data import load_samples
 from pigg.distributed import (describe, is_main, load_optimizer_across_layouts, load_weights_across_layouts, strategy,
@@ -193,27 +193,38 @@ def unwrapped(model):
 
 @contextlib.contextmanager
 def liger_kernels(model, on: bool):
-    """Liger's Triton RMSNorm and RoPE in place of transformers' (the same functions, fused) while
-    training. Its fused linear cross-entropy stays off: pigg computes logits only at the supervised
-    positions already. Liger replaces functions of transformers' Qwen3-VL module for the whole process;
-    they are put back afterwards, so a later run in the same process (personalization's next fold, a
-    compiled run) gets what it asks for. The model's own RMSNorm layers keep Liger's forward."""
+    """Liger's Triton RMSNorm, RoPE and SwiGLU (SiLU and product in one kernel that keeps only its two
+    inputs for the backward) in place of transformers' while training: the same functions, fused. Its
+    fused linear cross-entropy stays off: pigg computes logits only at the supervised positions
+    already. Liger replaces functions and methods of transformers' Qwen3-VL module for the whole
+    process; they are put back afterwards, so a later run in the same process (personalization's next
+    fold, a compiled run) gets what it asks for. The model's own RMSNorm layers keep Liger's forward."""
     if not on:
         yield
         return
+    from liger_kernel.ops import LigerSiLUMulFunction
     from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
     from transformers.models.qwen3_vl import modeling_qwen3_vl
 
+    def swiglu(mlp, x):  # Qwen3VLTextMLP.forward for SiLU
+        return mlp.down_proj(LigerSiLUMulFunction.apply(mlp.gate_proj(x), mlp.up_proj(x)))
+
     patched = ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision", "Qwen3VLTextRMSNorm")
     saved = {name: getattr(modeling_qwen3_vl, name) for name in patched}
+    mlp_forward = modeling_qwen3_vl.Qwen3VLTextMLP.forward
     apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, cross_entropy=False, fused_linear_cross_entropy=False,
                                    model=unwrapped(model))
-    print("Liger kernels: RMSNorm and RoPE")
+    kernels = "RMSNorm and RoPE"
+    if unwrapped(model).config.get_text_config().hidden_act == "silu":
+        modeling_qwen3_vl.Qwen3VLTextMLP.forward = swiglu
+        kernels = "RMSNorm, RoPE and SwiGLU"
+    print(f"Liger kernels: {kernels}")
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(modeling_qwen3_vl, name, value)
+        modeling_qwen3_vl.Qwen3VLTextMLP.forward = mlp_forward
 
 
 def print_config(cfg) -> None:
@@ -239,10 +250,7 @@ def batch_plan(train_cfg, model, tokens_per_sample: int) -> BatchPlan:
     """Micro-batch, accumulation and checkpointing for this run (chosen from GPU memory where not given)."""
     text_config = model.config.get_text_config()
     shards = world_size() if strategy(train_cfg, world_size()) == "fsdp" else 1
-
-    def estimate(micro_batch, checkpointed_layers):
-        return estimate_peak(model, text_config, micro_batch, tokens_per_sample, checkpointed_layers, shards)
-
+    estimate = estimator(model, text_config, tokens_per_sample, shards)
     return plan_batch(train_cfg, world_size(), gpu_memory(train_cfg), estimate, text_config.num_hidden_layers)
 
 

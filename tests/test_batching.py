@@ -107,36 +107,18 @@ def test_memory_model_matches_the_measured_8b_runs():
     from transformers import Qwen3VLForConditionalGeneration
 
     config = qwen3_vl_8b_config()
-    for method, dropout, b, recomputed, measured in (
-            ("lora", 0.1, 4, 0, 52.7), ("lora", 0.0, 4, 0, 42.6), ("lora", 0.1, 1, 36, 17.6), ("full", 0.1, 4, 36, 64.8),
-            ("lora", 0.1, 8, 0, 87.5), ("lora", 0.1, 8, 11, 67.0), ("lora", 0.1, 8, 15, 59.5), ("lora", 0.1, 8, 36, 21.6),
-            ("full", 0.1, 4, 0, 89.0), ("full", 0.1, 8, 0, 98.9), ("full", 0.1, 8, 10, 85.6), ("full", 0.1, 8, 34, 62.8)):
+    measured = {  # (method, LoRA dropout): {(micro-batch, layers recomputed): peak GiB}
+        ("lora", 0.1): {(4, 0): 52.7, (1, 36): 17.6, (8, 0): 87.5, (8, 11): 67.0, (8, 15): 59.5, (8, 36): 21.6},
+        ("lora", 0.0): {(4, 0): 42.6},
+        ("full", 0.1): {(4, 36): 64.8, (4, 0): 89.0, (8, 0): 98.9, (8, 10): 85.6, (8, 34): 62.8},
+    }
+    for (method, dropout), peaks in measured.items():
         with torch.device("meta"):
             model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-        model = prepare_model(model, method, LoraSettings(dropout=dropout))
-        estimate = estimator(model, config.text_config, 1054)(b, recomputed, 8 // b) / GiB
-        assert measured <= estimate <= 1.1 * measured + 2, (method, dropout, b, recomputed, estimate)
-
-
-def test_micro_batches_give_the_seed_recipes_losses_and_weights(tiny_dir, synth_root, tmp_path):
-    """Same samples, seed and effective batch 8: batch 1 x 8 (the seed), 4 x 2 and 8 x 1 give the same
-    loss at every step (right padding and token-count normalisation) and the same adapter."""
-    from safetensors.torch import load_file
-
-    runs = {}
-    for micro in (1, 4, 8):
-        cfg = tiny_run_config(tiny_dir, synth_root, tmp_path / f"mb{micro}", batch_size=micro, grad_accum=None,
-                              max_steps=3, save_steps=3, learning_rate=1e-3)
-        cfg.lora.dropout = 0.0  # dropout masks are drawn per micro-batch, so they differ between layouts
-        folder = train(cfg)
-        runs[micro] = (losses(folder), load_file(folder / "adapter_model.safetensors"))
-    seed_losses, seed_weights = runs[1]
-    assert len(seed_losses) == 3
-    for micro in (4, 8):
-        curve, weights = runs[micro]
-        assert curve == pytest.approx(seed_losses, rel=1e-4), micro
-        for key, value in seed_weights.items():
-            torch.testing.assert_close(weights[key], value, rtol=1e-3, atol=1e-5)
+        estimate = estimator(prepare_model(model, method, LoraSettings(dropout=dropout)), config.text_config, 1054)
+        for (b, recomputed), peak in peaks.items():
+            got = estimate(b, recomputed, 8 // b) / GiB
+            assert peak <= got <= 1.1 * peak + 2, (method, dropout, b, recomputed, got)
 
 
 def test_plan_is_printed_and_recorded(tiny_dir, synth_root, tmp_path, capsys):

@@ -113,10 +113,11 @@ def plan_batch(train_cfg, world: int, device_memory: int | None, estimate=None, 
 
     `train_cfg.batch_size` / `grad_accum` / `gradient_checkpointing` left as None are chosen here:
     on a GPU (`device_memory` known) from `estimate(micro_batch, checkpointed_layers, accumulation)`,
-    the first that fits of: the largest micro-batch of at least 4 (or the whole per-process batch) with no more of the
-    `layers` decoder layers recomputed than the method allows for it (RECOMPUTE_FOR_LARGER_MICRO_BATCH);
-    the largest micro-batch with as few layers recomputed as it needs. On CPU micro-batch 1 without checkpointing. A given `gradient_checkpointing` means all layers
-    or none.
+    the first that fits of: the largest micro-batch of at least 4 (or the whole per-process batch)
+    with no more of the `layers` decoder layers recomputed than the method allows for it
+    (RECOMPUTE_FOR_LARGER_MICRO_BATCH); the largest micro-batch with as few layers recomputed as it
+    needs. On CPU micro-batch 1 without checkpointing. A given `gradient_checkpointing` means all
+    layers or none.
     """
     t = train_cfg
     if t.grad_accum is not None:  # the seed's way of saying it: batch x accumulation (x processes)
@@ -152,9 +153,10 @@ def plan_batch(train_cfg, world: int, device_memory: int | None, estimate=None, 
             return BatchPlan(b, per_process // b, world, recomputed, layers,
                              f"estimated peak {need:.1f} of {device_memory / GiB:.1f} GiB")
     recomputed = 0 if t.gradient_checkpointing is False else layers
+    need = estimate(1, recomputed, per_process) / GiB
     return BatchPlan(1, per_process, world, recomputed, layers,
-                     f"estimated peak {estimate(1, recomputed, per_process) / GiB:.1f} GiB exceeds {device_memory / GiB:.1f} GiB "
-                     "even at micro-batch 1; trying anyway")
+                     f"estimated peak {need:.1f} GiB exceeds {device_memory / GiB:.1f} GiB even at micro-batch 1; "
+                     "trying anyway")
 
 
 def _checkpointed(t, micro_batch: int, accumulation: int, estimate, device_memory: int | None, layers: int) -> int:

@@ -77,6 +77,7 @@ def test_as_few_layers_recomputed_as_the_micro_batch_needs():
 def test_given_values_win():
     assert plan(settings(batch_size=2), 1, H100) == (2, 4, 0)
     assert plan(settings(batch_size=4), 1, H100) == (4, 2, 0)
+    assert plan(settings(batch_size=8), 1, H100) == (8, 1, 11)  # as few layers recomputed as fit
     assert plan(settings(batch_size=1, grad_accum=8, gradient_checkpointing=True), 1, H100) == (1, 8, 36)
     assert plan(settings(grad_accum=4), 2, H100) == (1, 4, 0)  # the seed's spelling: 1 x 4 x 2 processes
     assert plan(settings(gradient_checkpointing=True), 1, H100) == (8, 1, 36)
@@ -119,6 +120,27 @@ def test_memory_model_matches_the_measured_8b_runs():
         for (b, recomputed), peak in peaks.items():
             got = estimate(b, recomputed, 8 // b) / GiB
             assert peak <= got <= 1.1 * peak + 2, (method, dropout, b, recomputed, got)
+
+
+def test_micro_batches_give_the_seed_recipes_losses_and_weights(tiny_dir, synth_root, tmp_path):
+    """Same samples, seed and effective batch 8: batch 1 x 8 (the seed), 4 x 2 and 8 x 1 give the same
+    loss at every step (right padding and token-count normalisation) and the same adapter."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for micro in (1, 4, 8):
+        cfg = tiny_run_config(tiny_dir, synth_root, tmp_path / f"mb{micro}", batch_size=micro, grad_accum=None,
+                              max_steps=3, save_steps=3, learning_rate=1e-3)
+        cfg.lora.dropout = 0.0  # dropout masks are drawn per micro-batch, so they differ between layouts
+        folder = train(cfg)
+        runs[micro] = (losses(folder), load_file(folder / "adapter_model.safetensors"))
+    seed_losses, seed_weights = runs[1]
+    assert len(seed_losses) == 3
+    for micro in (4, 8):
+        curve, weights = runs[micro]
+        assert curve == pytest.approx(seed_losses, rel=1e-4), micro
+        for key, value in seed_weights.items():
+            torch.testing.assert_close(weights[key], value, rtol=1e-3, atol=1e-5)
 
 
 def test_plan_is_printed_and_recorded(tiny_dir, synth_root, tmp_path, capsys):

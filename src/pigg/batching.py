@@ -74,12 +74,8 @@ def world_size(env=os.environ) -> int:
 def static_bytes(model, shards: int = 1) -> int:
     """Weights, plus gradients and AdamW's two moments for every trainable parameter; FSDP keeps
     1/`shards` of each on a GPU."""
-    total = 0
-    for p in model.parameters():
-        total += p.numel() * p.element_size()
-        if p.requires_grad:
-            total += 3 * p.numel() * p.element_size()
-    return total // shards
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (weights + 3 * gradient_bytes(model)) // shards
 
 
 def gradient_bytes(model, shards: int = 1) -> int:

@@ -209,9 +209,10 @@ def liger_kernels(model, on: bool):
     def swiglu(mlp, x):  # Qwen3VLTextMLP.forward for SiLU
         return mlp.down_proj(LigerSiLUMulFunction.apply(mlp.gate_proj(x), mlp.up_proj(x)))
 
-    patched = ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision", "Qwen3VLTextRMSNorm")
-    saved = {name: getattr(modeling_qwen3_vl, name) for name in patched}
-    mlp_forward = modeling_qwen3_vl.Qwen3VLTextMLP.forward
+    patched = [(modeling_qwen3_vl, name) for name in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision",
+                                                      "Qwen3VLTextRMSNorm")]
+    patched.append((modeling_qwen3_vl.Qwen3VLTextMLP, "forward"))
+    saved = [(owner, name, getattr(owner, name)) for owner, name in patched]
     apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, cross_entropy=False, fused_linear_cross_entropy=False,
                                    model=unwrapped(model))
     kernels = "RMSNorm and RoPE"
@@ -222,9 +223,8 @@ def liger_kernels(model, on: bool):
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(modeling_qwen3_vl, name, value)
-        modeling_qwen3_vl.Qwen3VLTextMLP.forward = mlp_forward
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def print_config(cfg) -> None:

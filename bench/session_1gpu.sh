@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-11 on an H200): bash bench/session_1gpu.sh 1..11. Each variant runs in a process of its own (Liger's
+# on H100s, 6-17 on an H200): bash bench/session_1gpu.sh 1..17. Each variant runs in a process of its own (Liger's
 # patches and compiled graphs stay in a process) and writes $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
 cd "$(dirname "$0")/.."
@@ -42,4 +42,13 @@ case "${1:-1}" in
   12) timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -3
       variant pigg_default_lora_80gb 150 _liger_swiglu ;;
   13) variant pigg_default_full_80gb 260 ;;
+  14) timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -3
+      variant pigg_default_lora_80gb 150 _fused_lora
+      variant pigg_default_lora 150 _fused_lora ;;
+  15) variant pigg_default_lora_80gb_peft 150
+      variant pigg_default_lora_peft 150 ;;
+  16) timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | grep -E "^E |passed|failed"
+      variant pigg_default_lora_80gb 150 _swiglu_in_plan ;;
+  17) variant seed_lora 220
+      variant lever_fused_lora 200 ;;
 esac

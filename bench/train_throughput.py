@@ -35,7 +35,7 @@ from pigg.train import train
 
 SEED_RECIPE = dict(batch_size=1, grad_accum=8, gradient_checkpointing=True, logits_on_labels_only=False,
                    dataloader_workers=0, liger_kernel=False, optimizer="adamw_torch", torch_compile=False,
-                   lora_input_fp32=True)
+                   lora_input_fp32=True, fused_lora=False)
 PIGG_DEFAULT = {}  # nothing given: batch plan from memory, labels-only logits, 8 workers, Liger, fused AdamW
 LEVERS = {  # one change to the seed recipe each
     "micro_batch_from_memory": dict(batch_size=None, grad_accum=None, gradient_checkpointing=None),
@@ -46,6 +46,8 @@ LEVERS = {  # one change to the seed recipe each
     "fused_adamw": dict(optimizer="adamw_torch_fused"),
     "torch_compile": dict(torch_compile=True),
     "bf16_adapter_inputs": dict(lora_input_fp32=False),
+    # pigg.lora's fused adapters take bf16 inputs: with the seed's float32 cast PEFT's forward runs
+    "fused_lora": dict(fused_lora=True, lora_input_fp32=False),
 }
 VARIANTS = {  # name: (method, settings, optimizer steps)
     "seed_lora": ("lora", SEED_RECIPE, 16),
@@ -69,6 +71,9 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
     "pigg_default_lora_mb8_checkpointing": ("lora", {"batch_size": 8, "gradient_checkpointing": True}, 8),
     "pigg_default_lora_80gb": ("lora", {"gpu_memory_gib": 79.2}, 12),
     "pigg_default_full_80gb": ("full", {"gpu_memory_gib": 79.2}, 6),
+    # PEFT's adapter forward in place of pigg.lora's fused one (pigg's default before it)
+    "pigg_default_lora_peft": ("lora", {"fused_lora": False}, 16),
+    "pigg_default_lora_80gb_peft": ("lora", {"gpu_memory_gib": 79.2, "fused_lora": False}, 12),
 }
 # Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
 # it where installed: give each variant a process of its own (`... train_throughput.py NAME --json F`)
@@ -76,9 +81,10 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
 # with 16 steps the next few may still compile a variant of the inputs, so compare their median.
 ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lever_no_checkpointing",
          "lever_logits_on_labels_only", "lever_workers_8", "lever_fused_adamw", "lever_bf16_adapter_inputs",
-         "lever_torch_compile", "pigg_default_lora_compiled", "pigg_default_lora_no_dropout",
+         "lever_fused_lora", "lever_torch_compile", "pigg_default_lora_compiled", "pigg_default_lora_no_dropout",
          "pigg_default_lora_compiled_no_dropout", "pigg_default_lora_no_cudnn_attention", "pigg_default_lora_mb4",
-         "pigg_default_lora_mb8_checkpointing", "pigg_default_lora_80gb", "pigg_default_full_80gb",
+         "pigg_default_lora_mb8_checkpointing", "pigg_default_lora_80gb", "pigg_default_lora_peft",
+         "pigg_default_lora_80gb_peft", "pigg_default_full_80gb",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]
 LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it

@@ -100,26 +100,33 @@ def test_memory_model_matches_the_measured_8b_runs():
     on an H100 (part1/2/5) LoRA micro-batch 4 without recomputation 52.7 GiB (42.6 without dropout),
     micro-batch 1 with all 36 layers recomputed 17.6, full FT micro-batch 4 with all 36 64.8; on an H200
     (part6/8/9/10/11) LoRA micro-batch 8 with 0, 11, 15 and 36 layers recomputed 87.5, 67.0, 59.5 and
-    21.6, full FT micro-batch 4 with none 89.0, micro-batch 8 with 0, 10 and 34 98.9, 85.6 and 62.8.
-    The model must cover them without wasting much."""
+    21.6, full FT micro-batch 4 with none 89.0, micro-batch 8 with 0, 10 and 34 98.9, 85.6 and 62.8. With
+    Liger's SwiGLU (part12/14/15) LoRA micro-batch 8 with 0 and 11 layers recomputed 80.5 and 62.2, and with
+    pigg.lora's fused adapters 60.8 and, with 2, 58.6; full FT micro-batch 8 with 21 (part13) 67.9. The
+    model must cover them without wasting much."""
     from pigg.architectures import qwen3_vl_8b_config
     from pigg.config import LoraSettings
     from pigg.model import prepare_model
     from transformers import Qwen3VLForConditionalGeneration
 
     config = qwen3_vl_8b_config()
-    measured = {  # (method, LoRA dropout): {(micro-batch, layers recomputed): peak GiB}
-        ("lora", 0.1): {(4, 0): 52.7, (1, 36): 17.6, (8, 0): 87.5, (8, 11): 67.0, (8, 15): 59.5, (8, 36): 21.6},
-        ("lora", 0.0): {(4, 0): 42.6},
-        ("full", 0.1): {(4, 36): 64.8, (4, 0): 89.0, (8, 0): 98.9, (8, 10): 85.6, (8, 34): 62.8},
+    measured = {  # (method, LoRA dropout, PEFT's adapters, Liger's SwiGLU): {(micro-batch, recomputed): peak GiB}
+        ("lora", 0.1, True, False): {(4, 0): 52.7, (1, 36): 17.6, (8, 0): 87.5, (8, 11): 67.0, (8, 15): 59.5,
+                                     (8, 36): 21.6},
+        ("lora", 0.0, True, False): {(4, 0): 42.6},
+        ("full", 0.1, True, False): {(4, 36): 64.8, (4, 0): 89.0, (8, 0): 98.9, (8, 10): 85.6, (8, 34): 62.8},
+        ("lora", 0.1, True, True): {(8, 0): 80.5, (8, 11): 62.2},
+        ("lora", 0.1, False, True): {(8, 0): 60.8, (8, 2): 58.6},
+        ("full", 0.1, True, True): {(8, 21): 67.9},
     }
-    for (method, dropout), peaks in measured.items():
+    for (method, dropout, peft, swiglu), peaks in measured.items():
         with torch.device("meta"):
             model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-        estimate = estimator(prepare_model(model, method, LoraSettings(dropout=dropout)), config.text_config, 1054)
+        estimate = estimator(prepare_model(model, method, LoraSettings(dropout=dropout)), config.text_config, 1054,
+                             keeps_dropped_inputs=peft, liger_swiglu=swiglu)
         for (b, recomputed), peak in peaks.items():
             got = estimate(b, recomputed, 8 // b) / GiB
-            assert peak <= got <= 1.1 * peak + 2, (method, dropout, b, recomputed, got)
+            assert peak <= got <= 1.1 * peak + 2, (method, dropout, peft, swiglu, b, recomputed, got)
 
 
 def test_micro_batches_give_the_seed_recipes_losses_and_weights(tiny_dir, synth_root, tmp_path):

@@ -11,7 +11,8 @@ Python (PEFT runs each adapter op by op), so twice the micro-batch pays for some
 H200 (8B, bench/results/train_throughput_h200_part*.json) LoRA micro-batch 8 trains at 10.01 samples/s,
 4 x 2 at 7.99, 8 with all 36 layers recomputed at 7.17 (~1.1% a layer). So LoRA takes the largest
 micro-batch that fits with at most a third of the layers recomputed: planned for an H100's 79.2 GiB,
-micro-batch 8 with 11 layers recomputed trained at 8.92 against 7.77 for 4 x 2 (part10). Full
+micro-batch 8 with 11 layers recomputed trained at 8.92 against 7.77 for 4 x 2 (part10); with
+pigg.lora's fused adapters, which keep a fifth less, it needs none and trains at 9.35-10.00 (part16/18). Full
 fine-tuning keeps the GPU busy at micro-batch 4: micro-batch 8 with 10 layers recomputed trained at
 8.33 against 8.51 for 4 x 2 without, so it recomputes only where no micro-batch of 4 or more fits
 without.
@@ -26,11 +27,14 @@ from dataclasses import dataclass
 GiB = 1024 ** 3
 # Activation bytes kept per token, per decoder layer, per hidden unit, fitted to the 8B's peaks
 # (tests/test_batching.py lists them): 44 for a layer that keeps its activations (full FT; 42 for LoRA
-# without dropout), 60 for LoRA with its dropout (the dropped inputs and masks the adapters keep for the
-# backward), 3 for a recomputed layer (its input), and 1.4 GiB besides. Rounded up for safety: 48,
-# 48 + 16, 4 and HEADROOM.
+# without dropout), 60 for LoRA with PEFT's dropout (the dropped inputs and masks the adapters keep for
+# the backward; pigg.lora's fused adapters keep neither), 3 for a recomputed layer (its input), and
+# 1.4 GiB besides. Rounded up for safety: 48, 48 + 16, 4 and HEADROOM. Liger's SwiGLU keeps the MLP's
+# gate and up projections only, not also the SiLU of the gate: 6 bytes less (3 x 4,096 units of 2 bytes
+# in the 8B's MLP for each hidden unit; LoRA measured 54 with PEFT's dropout, 37 with the fused adapters).
 KEPT_BYTES = 48
 DROPOUT_BYTES = 16
+SWIGLU_BYTES = 6
 RECOMPUTED_BYTES = 4
 # How many of the decoder layers a larger micro-batch may recompute, by method (see above).
 RECOMPUTE_FOR_LARGER_MICRO_BATCH = {"lora": 1 / 3, "full": 0}
@@ -82,12 +86,16 @@ def gradient_bytes(model, shards: int = 1) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) // shards
 
 
-def estimator(model, text_config, tokens_per_sample: int, shards: int = 1):
+def estimator(model, text_config, tokens_per_sample: int, shards: int = 1, keeps_dropped_inputs: bool = True,
+              liger_swiglu: bool = False):
     """`estimate(micro_batch, checkpointed_layers, accumulation)`: the peak bytes a training step needs
-    on one GPU."""
+    on one GPU. `keeps_dropped_inputs`: LoRA's adapters keep their dropped-out inputs for the backward
+    (PEFT's forward; pigg.lora's fused one draws the masks again instead). `liger_swiglu`: the MLP runs
+    Liger's SiLU-and-product kernel."""
     static, grads = static_bytes(model, shards) + HEADROOM, gradient_bytes(model, shards)
     dropout = any(getattr(m, "p", 0) > 0 for name, m in model.named_modules() if name.endswith("lora_dropout.default"))
-    kept = KEPT_BYTES + (DROPOUT_BYTES if dropout else 0)
+    kept = (KEPT_BYTES + (DROPOUT_BYTES if dropout and keeps_dropped_inputs else 0)
+            - (SWIGLU_BYTES if liger_swiglu else 0))
     layers = text_config.num_hidden_layers
     units = tokens_per_sample * text_config.hidden_size  # of one sample in one layer
 

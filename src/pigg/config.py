@@ -90,6 +90,11 @@ class TrainConfig:
     lora_input_fp32: bool = opt(False, "Cast each adapted layer's input to the adapters' float32 before the LoRA dropout "
                                        "(PEFT's default); off, it stays bf16 under autocast: the same values after "
                                        "autocast's cast, without two extra copies of every activation.")
+    fused_lora: bool = opt(True, "Apply each LoRA adapter with fewer passes over memory (pigg.lora): dropout and A in "
+                                 "one function that draws the dropout mask again in the backward instead of keeping "
+                                 "the dropped-out input (18 of LoRA's 60 activation bytes per token, layer and hidden "
+                                 "unit on the 8B), and B, scale and sum in one addmm; off, PEFT's forward. Not with "
+                                 "torch_compile, which fuses on its own, nor with lora_input_fp32.")
     cudnn_attention: bool = opt(True, "Let PyTorch's attention (SDPA) use cuDNN's kernels, its first choice on an H100; "
                                       "off, Flash or the memory-efficient kernel (~7% slower on an H100). On random "
                                       "inputs their gradients are as accurate (bench/attention_grads.py); turn it off "

@@ -22,6 +22,7 @@ from pigg.data import load_samples
 from pigg.distributed import (describe, is_main, load_optimizer_across_layouts, load_weights_across_layouts, strategy,
                               trainer_arguments, use_local_gpu, written_with_fsdp)
 from pigg.logs import log_path, quiet_stdout, tee_output
+from pigg.lora import fused_adapters
 from pigg.masking import IGNORE_INDEX
 from pigg.model import format_counts, load_model, parameter_counts, prepare_model
 from pigg.processor import load_processor, save_processor
@@ -95,6 +96,7 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
     )
     print_processes(trainer, cfg.train, model)
     with (liger_kernels(model, use_liger(cfg.train.liger_kernel, cfg.train.torch_compile)),
+          fused_adapters(model, fuse_adapters(cfg.train)),
           adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32),
           cudnn_attention(cfg.train.cudnn_attention)):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -129,6 +131,12 @@ def print_processes(trainer, train_cfg, model) -> None:
         print("note: accelerate applies FSDP on GPUs only, so these CPU processes run DDP")
         how = "ddp"
     print(f"processes: {describe(how, world_size(), model)}")
+
+
+def fuse_adapters(train_cfg) -> bool:
+    """pigg.lora's fused adapters: asked for, and neither compiled (Inductor fuses on its own) nor with
+    the adapters' inputs cast to float32 (which the fused forward leaves to PEFT's)."""
+    return train_cfg.fused_lora and not train_cfg.torch_compile and not train_cfg.lora_input_fp32
 
 
 def use_liger(setting: bool | None, compiled: bool = False) -> bool:
@@ -250,7 +258,9 @@ def batch_plan(train_cfg, model, tokens_per_sample: int) -> BatchPlan:
     """Micro-batch, accumulation and checkpointing for this run (chosen from GPU memory where not given)."""
     text_config = model.config.get_text_config()
     shards = world_size() if strategy(train_cfg, world_size()) == "fsdp" else 1
-    estimate = estimator(model, text_config, tokens_per_sample, shards)
+    swiglu = use_liger(train_cfg.liger_kernel, train_cfg.torch_compile) and text_config.hidden_act == "silu"
+    estimate = estimator(model, text_config, tokens_per_sample, shards,
+                         keeps_dropped_inputs=not fuse_adapters(train_cfg), liger_swiglu=swiglu)
     return plan_batch(train_cfg, world_size(), gpu_memory(train_cfg), estimate, text_config.num_hidden_layers)
 
 

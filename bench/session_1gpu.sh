@@ -47,7 +47,8 @@ case "${1:-1}" in
       variant pigg_default_lora 150 _fused_lora ;;
   15) variant pigg_default_lora_80gb_peft 150
       variant pigg_default_lora_peft 150 ;;
-  16) timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | grep -E "^E |passed|failed"
+  16) # run twice: part16, and part18 with the final code on a later lease
+      timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | grep -E "^E |passed|failed"
       variant pigg_default_lora_80gb 150 _swiglu_in_plan ;;
   17) variant seed_lora 220
       variant lever_fused_lora 200 ;;

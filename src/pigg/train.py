@@ -224,7 +224,7 @@ def liger_kernels(model, on: bool):
     apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, cross_entropy=False, fused_linear_cross_entropy=False,
                                    model=unwrapped(model))
     kernels = "RMSNorm and RoPE"
-    if unwrapped(model).config.get_text_config().hidden_act == "silu":
+    if liger_swiglu(unwrapped(model).config.get_text_config()):
         modeling_qwen3_vl.Qwen3VLTextMLP.forward = swiglu
         kernels = "RMSNorm, RoPE and SwiGLU"
     print(f"Liger kernels: {kernels}")
@@ -233,6 +233,11 @@ def liger_kernels(model, on: bool):
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
+
+
+def liger_swiglu(text_config) -> bool:
+    """Whether `liger_kernels` runs the MLP with Liger's SwiGLU (the batch plan counts its memory)."""
+    return text_config.hidden_act == "silu"
 
 
 def print_config(cfg) -> None:
@@ -258,7 +263,7 @@ def batch_plan(train_cfg, model, tokens_per_sample: int) -> BatchPlan:
     """Micro-batch, accumulation and checkpointing for this run (chosen from GPU memory where not given)."""
     text_config = model.config.get_text_config()
     shards = world_size() if strategy(train_cfg, world_size()) == "fsdp" else 1
-    swiglu = use_liger(train_cfg.liger_kernel, train_cfg.torch_compile) and text_config.hidden_act == "silu"
+    swiglu = use_liger(train_cfg.liger_kernel, train_cfg.torch_compile) and liger_swiglu(text_config)
     estimate = estimator(model, text_config, tokens_per_sample, shards,
                          keeps_dropped_inputs=not fuse_adapters(train_cfg), liger_swiglu=swiglu)
     return plan_batch(train_cfg, world_size(), gpu_memory(train_cfg), estimate, text_config.num_hidden_layers)

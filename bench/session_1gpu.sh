@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-17 on an H200): bash bench/session_1gpu.sh 1..17. Each variant runs in a process of its own (Liger's
+# on H100s, 6-22 on an H200): bash bench/session_1gpu.sh 1..22. Each variant runs in a process of its own (Liger's
 # patches and compiled graphs stay in a process) and writes $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
 cd "$(dirname "$0")/.."
@@ -52,4 +52,20 @@ case "${1:-1}" in
       variant pigg_default_lora_80gb 150 _swiglu_in_plan ;;
   17) variant seed_lora 220
       variant lever_fused_lora 200 ;;
+  19) timeout 250 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -36
+      variant pigg_default_lora_80gb 150 _no_padding_mask
+      variant pigg_default_lora_80gb_padding_mask 150 ;;
+  20) timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | grep -E "^E |passed|failed"
+      variant pigg_default_lora_80gb 150 _pad16
+      variant pigg_default_lora 150 _pad16
+      timeout 250 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -36
+      variant lever_fused_lora 150
+      variant lever_bf16_adapter_inputs 150 ;;
+  21) timeout 100 python3 -m pytest -q -m gpu tests/test_gpu.py -k vision 2>&1 | grep -E "^E |passed|failed"
+      variant pigg_default_lora_80gb 150 _batched_vision
+      variant pigg_default_lora_80gb_per_image_attention 150
+      variant pigg_default_full_80gb 260 _batched_vision
+      variant input_pipeline 150 ;;
+  22) variant pigg_default_lora 150 _batched_vision
+      timeout 250 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -24 ;;
 esac

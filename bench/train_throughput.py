@@ -35,7 +35,8 @@ from pigg.train import train
 
 SEED_RECIPE = dict(batch_size=1, grad_accum=8, gradient_checkpointing=True, logits_on_labels_only=False,
                    dataloader_workers=0, liger_kernel=False, optimizer="adamw_torch", torch_compile=False,
-                   lora_input_fp32=True, fused_lora=False)
+                   lora_input_fp32=True, fused_lora=False, padding_mask=True,
+                   pad_to_multiple=1, batched_vision_attention=False)
 PIGG_DEFAULT = {}  # nothing given: batch plan from memory, labels-only logits, 8 workers, Liger, fused AdamW
 LEVERS = {  # one change to the seed recipe each
     "micro_batch_from_memory": dict(batch_size=None, grad_accum=None, gradient_checkpointing=None),
@@ -74,6 +75,11 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
     # PEFT's adapter forward in place of pigg.lora's fused one (pigg's default before it)
     "pigg_default_lora_peft": ("lora", {"fused_lora": False}, 16),
     "pigg_default_lora_80gb_peft": ("lora", {"gpu_memory_gib": 79.2, "fused_lora": False}, 12),
+    # attention given the padding mask (masked kernel over repeated key/value heads; pigg's default before)
+    "pigg_default_lora_80gb_padding_mask": ("lora", {"gpu_memory_gib": 79.2, "padding_mask": True}, 12),
+    # the vision tower's attention image by image, as transformers runs it
+    "pigg_default_lora_80gb_per_image_attention": ("lora", {"gpu_memory_gib": 79.2, "batched_vision_attention": False},
+                                                   12),
 }
 # Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
 # it where installed: give each variant a process of its own (`... train_throughput.py NAME --json F`)
@@ -84,7 +90,8 @@ ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lev
          "lever_fused_lora", "lever_torch_compile", "pigg_default_lora_compiled", "pigg_default_lora_no_dropout",
          "pigg_default_lora_compiled_no_dropout", "pigg_default_lora_no_cudnn_attention", "pigg_default_lora_mb4",
          "pigg_default_lora_mb8_checkpointing", "pigg_default_lora_80gb", "pigg_default_lora_peft",
-         "pigg_default_lora_80gb_peft", "pigg_default_full_80gb",
+         "pigg_default_lora_80gb_peft", "pigg_default_lora_80gb_padding_mask",
+         "pigg_default_lora_80gb_per_image_attention", "pigg_default_full_80gb",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]
 LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it
@@ -191,7 +198,8 @@ def _open(path):
 
 
 def input_pipeline(model_dir, data_dir) -> dict:
-    """Samples/s that DataLoader workers deliver (decode, resize, tokenize, collate), micro-batch 4, no GPU."""
+    """Samples/s that DataLoader workers deliver (decode, resize, tokenize, collate as training does: rotary
+    positions, padding to a multiple, bf16 pixels), micro-batch 8, no GPU."""
     from torch.utils.data import DataLoader
 
     from pigg.collate import TrainCollator
@@ -199,10 +207,11 @@ def input_pipeline(model_dir, data_dir) -> dict:
     from pigg.processor import load_processor
 
     samples, _ = load_samples(C.DataConfig(data_root=str(data_dir), users="1-8"))
-    collate = TrainCollator(load_processor(str(model_dir)), 8192)
+    t = C.TrainConfig()
+    collate = TrainCollator(load_processor(str(model_dir)), 8192, t.padding_mask, t.pad_to_multiple, torch.bfloat16)
     rates = {}
     for workers in (1, 4, 8, 16):
-        loader = DataLoader(samples * 2, batch_size=4, collate_fn=collate, num_workers=workers, pin_memory=True,
+        loader = DataLoader(samples * 2, batch_size=8, collate_fn=collate, num_workers=workers, pin_memory=True,
                             prefetch_factor=4, persistent_workers=False)
         it = iter(loader)
         next(it)  # worker start-up

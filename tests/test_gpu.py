@@ -92,3 +92,13 @@ def test_fused_adapters_stay_within_bf16_rounding_on_gpu(tiny_dir):
     (_, _, grads), (_, _, fused_grads) = runs["peft"], runs["fused"]
     for name in grads:
         assert relative_error(fused_grads, grads, name) < 0.1, name
+
+
+def test_batched_vision_attention_within_bf16_rounding_on_gpu(tiny_dir, processor, monkeypatch):
+    """pigg.vision's batched calls on CUDA's kernels: the stock features within bf16 rounding."""
+    from test_vision import stock_and_batched
+
+    ((stock, _), (batched, calls)), layers = stock_and_batched(tiny_dir, processor, monkeypatch, "cuda", torch.bfloat16)
+    assert calls == [3, 1, 1] * layers
+    for a, b in zip(batched, stock, strict=True):
+        torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-2)

@@ -155,6 +155,72 @@ def test_supervised_positions_loss_equals_the_models_own(tiny_dir, synth_root, p
             torch.testing.assert_close(loss, sum(own) / 8, rtol=1e-5, atol=1e-6)
 
 
+def test_batches_without_padding_mask_give_the_same_loss_and_gradients(tiny_dir, synth_root, processor):
+    """`train.padding_mask` off: right-padded rows without the mask, with positions from the collator,
+    give the loss and gradients of the masked batch; the positions are the model's own. Padding to a
+    multiple of 64 tokens changes nothing either; pixels cast by the collator are the model's cast."""
+    from pigg.collate import TrainCollator
+    from pigg.data import load_samples
+    from pigg.train import supervised_loss
+
+    samples, _ = load_samples(C.DataConfig(data_root=str(synth_root), users="1", validation_workers=1))
+    masked = TrainCollator(processor, 4096)(samples[:4])
+    causal = TrainCollator(processor, 4096, padding_mask=False, pad_to_multiple=64)(samples[:4])
+    length = masked["input_ids"].shape[1]
+    assert causal["input_ids"].shape[1] % 64 == 0 and causal["input_ids"].shape[1] > length
+    real = masked["attention_mask"].bool()
+    assert not real.all() and "attention_mask" not in causal  # padded rows, and no mask given
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir)
+    rope_index = model.model.get_rope_index
+    own, _ = rope_index(causal["input_ids"], causal["mm_token_type_ids"], causal["image_grid_thw"])
+    assert torch.equal(causal["position_ids"], own)
+    own, _ = rope_index(masked["input_ids"], masked["mm_token_type_ids"], masked["image_grid_thw"],
+                        attention_mask=masked["attention_mask"])
+    assert torch.equal(causal["position_ids"][:, :, :length][:, real], own[:, real])
+    half = TrainCollator(processor, 4096, pixel_dtype=torch.bfloat16)(samples[:4])["pixel_values"]
+    assert half.dtype == torch.bfloat16 and torch.equal(half, masked["pixel_values"].to(torch.bfloat16))
+
+    results = []
+    for batch in (masked, causal):
+        model.zero_grad()
+        loss, _ = supervised_loss(model, batch, 8)
+        loss.backward()
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6)
+
+
+def test_flop_estimate_is_the_stock_one(tiny_dir, processor, synth_root, tmp_path):
+    """GlobalTrainer counts the parameters once; total_flos is what the stock Trainer computes."""
+    from transformers import Trainer, TrainingArguments
+
+    from pigg.collate import TrainCollator
+    from pigg.data import load_samples
+    from pigg.train import GlobalTrainer
+
+    samples, _ = load_samples(C.DataConfig(data_root=str(synth_root), users="1", validation_workers=1))
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir)
+    trainer = GlobalTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
+    collate = TrainCollator(processor, 4096)
+    for batch in (collate(samples[:1]), collate(samples[:3])):
+        assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) > 0
+
+
+def test_rope_positions_refuse_a_run_that_is_not_the_next_image():
+    from pigg.collate import rope_positions
+
+    types = torch.tensor([[0, 0, 1, 1, 1, 1, 0]])
+    assert rope_positions(types, torch.tensor([[1, 4, 4]]), 2)[:, 0].tolist() == \
+        [[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 2, 3, 4]]
+    with pytest.raises(ValueError, match="row 0: a run of 4 tokens of type 1 at 2"):
+        rope_positions(types, torch.tensor([[1, 4, 6]]), 2)
+    with pytest.raises(ValueError, match="type 2"):
+        rope_positions(torch.tensor([[0, 2, 2, 2, 2]]), torch.tensor([[1, 4, 4]]), 2)
+
+
 def test_fast_path_trains_like_the_stock_trainer(tiny_dir, synth_root, tmp_path, monkeypatch):
     """pigg's default path (micro-batch 4 x accumulation 2, logits at supervised positions only, its own
     loss normalisation) against the stock Trainer with the model's own loss at batch 1 x accumulation 8:

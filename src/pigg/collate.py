@@ -4,6 +4,9 @@ Runs inside DataLoader workers, so image decoding and tokenisation stay off the 
 Nothing is truncated: a sample longer than `max_length` is an error that names it, because cutting
 inside an image breaks the image-token count the model checks.
 """
+import itertools
+
+import torch
 
 from pigg.data import Sample, images_of, open_image
 from pigg.masking import IGNORE_INDEX, assistant_labels, turn_tokens
@@ -28,18 +31,57 @@ def sample_length(processor, sample: Sample, sizes: dict) -> tuple[int, int]:
     return len(text_ids) - len(images_of(sample)) + image_tokens, image_tokens
 
 
-class TrainCollator:
-    """Turn a list of Samples into a padded batch with labels; checks every sample it sees."""
+def rope_positions(token_types: torch.Tensor, image_grids: torch.Tensor, merge: int) -> torch.Tensor:
+    """Qwen3-VL's rotary positions (3, batch, length) of a batch of image-and-text rows, as the model's
+    `get_rope_index` computes them on the GPU, here on the CPU of a DataLoader worker. Text advances
+    the three positions by one a token; an image's tokens take (start, start + row, start + column) on
+    its merged grid, and the text after it starts at start + max(rows, columns). Padding (type 0)
+    continues as text: what the model computes when given no attention mask."""
+    positions = torch.empty((3, *token_types.shape), dtype=torch.long)
+    grids = iter(image_grids.tolist())
+    for row, types in enumerate(token_types.tolist()):
+        start, end = 0, 0
+        for kind, run in itertools.groupby(types):
+            begin, end = end, end + len(list(run))
+            if kind == 0:
+                positions[:, row, begin:end] = torch.arange(start, start + end - begin)
+                start += end - begin
+                continue
+            t, h, w = next(grids, (0, 0, 0))
+            h, w = h // merge, w // merge
+            if kind != 1 or t * h * w != end - begin:
+                raise ValueError(f"row {row}: a run of {end - begin} tokens of type {kind} at {begin} is not the "
+                                 f"next image's {t * h * w} tokens (only images are supported)")
+            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+            positions[:, row, begin:end] = grid.reshape(3, -1) + start
+            start += max(h, w)
+    return positions
 
-    def __init__(self, processor, max_length: int):
+
+class TrainCollator:
+    """Turn a list of Samples into a padded batch with labels; checks every sample it sees.
+
+    With `padding_mask` off the batch carries no attention mask but the rotary positions the model
+    would compute from one: rows are padded on the right, so causal attention alone gives every real
+    token the same result (its padding comes after it), and the labels ignore the padded positions.
+    Rows are padded to a multiple of `pad_to_multiple` tokens; `pixel_dtype` casts the pixels here,
+    as the model would first thing (half the bytes to copy to the GPU for bfloat16).
+    """
+
+    def __init__(self, processor, max_length: int, padding_mask: bool = True, pad_to_multiple: int = 1,
+                 pixel_dtype: torch.dtype | None = None):
         self.processor = processor
         self.max_length = max_length
+        self.padding_mask = padding_mask
+        self.pad_to_multiple = pad_to_multiple
+        self.pixel_dtype = pixel_dtype
         self.header, self.end = turn_tokens(processor.tokenizer)
 
     def __call__(self, samples: list[Sample]) -> dict:
         texts = [render(self.processor, s.messages) for s in samples]
         images = [open_image(ref) for s in samples for ref in images_of(s)]
-        batch = self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
+        batch = self.processor(text=texts, images=images, padding=True, padding_side="right",
+                               pad_to_multiple_of=self.pad_to_multiple, return_tensors="pt")
         lengths = batch["attention_mask"].sum(1).tolist()
         for s, n in zip(samples, lengths):
             if n > self.max_length:
@@ -51,4 +93,11 @@ class TrainCollator:
             if n == 0:
                 raise ValueError(f"{s.where}: no supervised token (no assistant turn after the chat template)")
         batch["labels"] = labels
+        if self.pixel_dtype is not None and "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
+        if not self.padding_mask:
+            merge = self.processor.image_processor.merge_size
+            batch["position_ids"] = rope_positions(
+                batch["mm_token_type_ids"], batch.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long)), merge)
+            del batch["attention_mask"]
         return dict(batch)

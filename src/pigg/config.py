@@ -95,6 +95,17 @@ class TrainConfig:
                                  "the dropped-out input (18 of LoRA's 60 activation bytes per token, layer and hidden "
                                  "unit on the 8B), and B, scale and sum in one addmm; off, PEFT's forward. Not with "
                                  "torch_compile, which fuses on its own, nor with lora_input_fp32.")
+    padding_mask: bool = opt(False, "Give attention the micro-batch's padding mask (the seed's way). Off, rows padded "
+                                    "on the right train with causal attention alone, which gives every real token "
+                                    "the same result, and the rotary positions come from the DataLoader workers: "
+                                    "SDPA's causal kernel with grouped key/value heads instead of a masked one.")
+    pad_to_multiple: int = opt(16, "Pad each micro-batch to a multiple of this many tokens (1: to its longest row). "
+                                   "Fewer distinct lengths, so cuDNN's attention plans and Triton's kernels are "
+                                   "built for a few instead of for most steps (~50 ms each on an H200); the "
+                                   "padding is never supervised.")
+    batched_vision_attention: bool = opt(True, "Attend a micro-batch's same-sized images in one SDPA call per vision "
+                                               "layer (pigg.vision) instead of image by image, with their lengths "
+                                               "read once per step instead of once per layer; the same attention.")
     cudnn_attention: bool = opt(True, "Let PyTorch's attention (SDPA) use cuDNN's kernels, its first choice on an H100; "
                                       "off, Flash or the memory-efficient kernel (~7% slower on an H100). On random "
                                       "inputs their gradients are as accurate (bench/attention_grads.py); turn it off "
@@ -184,7 +195,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     t, d, m, lo = cfg.train, cfg.data, cfg.model, cfg.lora
     if t.method not in ("lora", "full"):
         p.append(f"train.method must be 'lora' or 'full', got {t.method!r}")
-    for name in ("effective_batch", "batch_size", "grad_accum", "save_steps", "save_total_limit", "logging_steps"):
+    for name in ("effective_batch", "batch_size", "grad_accum", "save_steps", "save_total_limit", "logging_steps",
+                 "pad_to_multiple"):
         if getattr(t, name) is not None and getattr(t, name) < 1:
             p.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if not t.learning_rate > 0:

@@ -28,6 +28,7 @@ from pigg.model import format_counts, load_model, parameter_counts, prepare_mode
 from pigg.processor import load_processor, save_processor
 from pigg.provenance import write_provenance
 from pigg.users import format_users
+from pigg.vision import batched_vision_attention
 
 
 def device() -> str:
@@ -91,13 +92,15 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
         model=model,
         args=training_arguments(cfg, out, plan, model),
         train_dataset=samples,
-        data_collator=TrainCollator(processor, cfg.data.max_length),
+        data_collator=TrainCollator(processor, cfg.data.max_length, cfg.train.padding_mask, cfg.train.pad_to_multiple,
+                                    pixel_dtype=unwrapped(model).model.visual.dtype),
         callbacks=[*([TensorBoardCallback(tb_writer=tensorboard_writer(out))] if is_main() else []), *callbacks],
     )
     print_processes(trainer, cfg.train, model)
     with (liger_kernels(model, use_liger(cfg.train.liger_kernel, cfg.train.torch_compile)),
           fused_adapters(model, fuse_adapters(cfg.train)),
           adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32),
+          batched_vision_attention(unwrapped(model).model.visual, cfg.train.batched_vision_attention),
           cudnn_attention(cfg.train.cudnn_attention)):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer, plan
@@ -264,7 +267,8 @@ def batch_plan(train_cfg, model, tokens_per_sample: int) -> BatchPlan:
     text_config = model.config.get_text_config()
     shards = world_size() if strategy(train_cfg, world_size()) == "fsdp" else 1
     swiglu = use_liger(train_cfg.liger_kernel, train_cfg.torch_compile) and liger_swiglu(text_config)
-    estimate = estimator(model, text_config, tokens_per_sample, shards,
+    padded = -(-tokens_per_sample // train_cfg.pad_to_multiple) * train_cfg.pad_to_multiple  # the longest row
+    estimate = estimator(model, text_config, padded, shards,
                          keeps_dropped_inputs=not fuse_adapters(train_cfg), liger_swiglu=swiglu)
     return plan_batch(train_cfg, world_size(), gpu_memory(train_cfg), estimate, text_config.num_hidden_layers)
 
@@ -400,6 +404,14 @@ class GlobalTrainer(Trainer):
         self.logits_on_labels_only = logits_on_labels_only
         # The loss below is already normalised over the step: the Trainer must not divide it again.
         self.model_accepts_loss_kwargs = True
+
+    def floating_point_ops(self, inputs) -> int:
+        """The stock estimate for `total_flos`, 6 x input tokens x parameters other than embeddings, with
+        the parameters counted once: the stock method counts the 8B's again for every micro-batch, ~10 ms
+        on the CPU while the GPU waits between steps (bench/profile_train_step.py)."""
+        if getattr(self, "_flop_parameters", None) is None:
+            self._flop_parameters = super().floating_point_ops({"input_ids": torch.ones(1, 1)}) // 6
+        return 6 * inputs["input_ids"].numel() * self._flop_parameters if "input_ids" in inputs else 0
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step, and how many samples they hold over all processes."""

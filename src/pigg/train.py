@@ -409,9 +409,12 @@ class GlobalTrainer(Trainer):
         """The stock estimate for `total_flos`, 6 x input tokens x parameters other than embeddings, with
         the parameters counted once: the stock method counts the 8B's again for every micro-batch, ~10 ms
         on the CPU while the GPU waits between steps (bench/profile_train_step.py)."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
         if getattr(self, "_flop_parameters", None) is None:
-            self._flop_parameters = super().floating_point_ops({"input_ids": torch.ones(1, 1)}) // 6
-        return 6 * inputs["input_ids"].numel() * self._flop_parameters if "input_ids" in inputs else 0
+            self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main].numel() * self._flop_parameters
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step, and how many samples they hold over all processes."""

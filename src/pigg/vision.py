@@ -4,7 +4,7 @@ With SDPA, transformers' vision attention reads the images' lengths back from th
 of the 27 layers (a wait for the GPU each time) and attends image by image: 216 calls a step for 8
 screenshots. `batched_vision_attention` reads the lengths once per forward, from `grid_thw` before
 the vision tower starts, and attends each run of same-sized images in one call, as a batch. Each
-image still attends only to itself: the same function, in fewer calls (tests/test_train.py).
+image still attends only to itself: the same function, in fewer calls (tests/test_vision.py).
 """
 import contextlib
 import functools
@@ -38,8 +38,9 @@ def batched_vision_attention(visual, on: bool):
             del attention.forward
 
 
-def _forward(attention, segments: list, hidden_states, cu_seqlens=None, position_embeddings=None, **kwargs):
-    """Qwen3VLVisionAttention.forward for SDPA, attending runs of equal segments in one call each."""
+def _forward(attention, segments: list, hidden_states, position_embeddings=None, **kwargs):
+    """Qwen3VLVisionAttention.forward for SDPA, attending runs of equal segments in one call each
+    (`kwargs`, the stock call's cu_seqlens and max_seqlen, are what `segments` replaces)."""
     from transformers.models.qwen3_vl import modeling_qwen3_vl  # its rotary function, or Liger's patch of it
 
     length = hidden_states.shape[0]
@@ -52,12 +53,8 @@ def _forward(attention, segments: list, hidden_states, cu_seqlens=None, position
     for size, run in itertools.groupby(segments):
         count = len(list(run))
         end = start + size * count
-
-        def heads_first(x):  # (count, heads, size, head_dim)
-            return x[start:end].reshape(count, size, *x.shape[1:]).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(heads_first(query), heads_first(key), heads_first(value),
-                                             scale=attention.scaling)
+        q, k, v = (x[start:end].reshape(count, size, *x.shape[1:]).transpose(1, 2) for x in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, scale=attention.scaling)  # (count, heads, size, head_dim)
         outputs.append(out.transpose(1, 2).reshape(end - start, -1))
         start = end
     return attention.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))

@@ -15,6 +15,7 @@ shared/bench/trl_peer_bench.py. `input_pipeline` times decode + resize + tokeniz
     PYTHONPATH=src python bench/train_throughput.py [variant ...] [--json NAME]   # writes $OUT/NAME
 """
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -94,6 +95,7 @@ ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lev
          "pigg_default_lora_80gb_per_image_attention", "pigg_default_full_80gb",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]
+WORKERS = (1, 4, 8, 16)  # DataLoader workers the input pipeline is timed with
 LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depend on it
 
 
@@ -210,15 +212,21 @@ def input_pipeline(model_dir, data_dir) -> dict:
     t = C.TrainConfig()
     collate = TrainCollator(load_processor(str(model_dir)), 8192, t.padding_mask, t.pad_to_multiple, torch.bfloat16)
     rates = {}
-    for workers in (1, 4, 8, 16):
-        loader = DataLoader(samples * 2, batch_size=8, collate_fn=collate, num_workers=workers, pin_memory=True,
+    for workers in WORKERS:
+        # The workers fill 4 batches each ahead while the first one starts: the clock starts once those
+        # are taken, and then times as many batches again, so it measures how fast the workers produce.
+        ahead, timed = 4 * workers + 1, 4 * workers + 8
+        repeats = -(-(ahead + timed) * 8 // len(samples))
+        loader = DataLoader(samples * repeats, batch_size=8, collate_fn=collate, num_workers=workers, pin_memory=True,
                             prefetch_factor=4, persistent_workers=False)
-        it = iter(loader)
-        next(it)  # worker start-up
+        batches = iter(loader)
+        for _ in range(ahead):
+            next(batches)
         start, n = time.perf_counter(), 0
-        for batch in it:
+        for batch in itertools.islice(batches, timed):
             n += len(batch["input_ids"])
         rates[str(workers)] = round(n / (time.perf_counter() - start), 1)
+        del batches
     return dict(name="input_pipeline", samples_per_s_by_workers=rates, cores=os.cpu_count())
 
 

@@ -11,9 +11,7 @@ Settings are train settings given as to the CLI, e.g. torch_compile=true; with a
 named after them (profile_train_step_torch_compile-true.txt).
 """
 import collections
-import gzip
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -94,10 +92,7 @@ def main():
     if os.environ.get("OUT"):
         name = "_".join(["profile_train_step", *(s.replace("=", "-") for s in settings)])
         Path(os.environ["OUT"], f"{name}.txt").write_text(report + "\n")
-        trace = Path(tempfile.mkdtemp()) / "trace.json"
-        profiler.prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as raw, gzip.open(Path(os.environ["OUT"], f"{name}.json.gz"), "wb") as packed:
-            shutil.copyfileobj(raw, packed)
+        profiler.prof.export_chrome_trace(str(Path(os.environ["OUT"], f"{name}.json.gz")))  # .gz: gzipped
 
 
 if __name__ == "__main__":

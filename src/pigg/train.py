@@ -87,20 +87,21 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
         checkpoint_layers(model, plan.checkpointed_layers)
     if cfg.train.torch_compile:
         compile_decoder_layers(model)
+    visual = unwrapped(model).model.visual
     trainer = GlobalTrainer(
         logits_on_labels_only=cfg.train.logits_on_labels_only,
         model=model,
         args=training_arguments(cfg, out, plan, model),
         train_dataset=samples,
         data_collator=TrainCollator(processor, cfg.data.max_length, cfg.train.padding_mask, cfg.train.pad_to_multiple,
-                                    pixel_dtype=unwrapped(model).model.visual.dtype),
+                                    pixel_dtype=visual.dtype),
         callbacks=[*([TensorBoardCallback(tb_writer=tensorboard_writer(out))] if is_main() else []), *callbacks],
     )
     print_processes(trainer, cfg.train, model)
     with (liger_kernels(model, use_liger(cfg.train.liger_kernel, cfg.train.torch_compile)),
           fused_adapters(model, fuse_adapters(cfg.train)),
           adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32),
-          batched_vision_attention(unwrapped(model).model.visual, cfg.train.batched_vision_attention),
+          batched_vision_attention(visual, cfg.train.batched_vision_attention),
           cudnn_attention(cfg.train.cudnn_attention)):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer, plan

@@ -12,6 +12,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from transformers.models.qwen3_vl import modeling_qwen3_vl
 
 
 @contextlib.contextmanager
@@ -41,13 +42,12 @@ def batched_vision_attention(visual, on: bool):
 def _forward(attention, segments: list, hidden_states, position_embeddings=None, **kwargs):
     """Qwen3VLVisionAttention.forward for SDPA, attending runs of equal segments in one call each
     (`kwargs`, the stock call's cu_seqlens and max_seqlen, are what `segments` replaces)."""
-    from transformers.models.qwen3_vl import modeling_qwen3_vl  # its rotary function, or Liger's patch of it
-
     length = hidden_states.shape[0]
     if sum(segments) != length:
         raise RuntimeError(f"vision attention: {length} patches, but grid_thw gave segments summing to {sum(segments)}")
     qkv = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3)
     query, key, value = qkv.unbind(0)
+    # looked up at each call: Liger's patch of the rotary function where it is applied
     query, key = modeling_qwen3_vl.apply_rotary_pos_emb_vision(query, key, *position_embeddings)
     outputs, start = [], 0
     for size, run in itertools.groupby(segments):

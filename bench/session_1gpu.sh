@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-22 on an H200): bash bench/session_1gpu.sh 1..22. Each variant runs in a process of its own (Liger's
+# on H100s, 6-23 on an H200): bash bench/session_1gpu.sh 1..23. Each variant runs in a process of its own (Liger's
 # patches and compiled graphs stay in a process) and writes $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
 cd "$(dirname "$0")/.."
@@ -68,4 +68,9 @@ case "${1:-1}" in
       variant input_pipeline 150 ;;
   22) variant pigg_default_lora 150 _batched_vision
       timeout 250 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -24 ;;
+  23) timeout 70 python3 bench/dropout_kernel.py 2>&1
+      variant pigg_default_lora_80gb 110 _dropout_kernel
+      variant pigg_default_lora_80gb_pytorch_dropout 110
+      timeout 160 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | grep -E "^E |passed|failed"
+      timeout 140 python3 bench/profile_train_step.py gpu_memory_gib=79.2 --stack 2>&1 | tail -70 ;;
 esac

@@ -36,7 +36,7 @@ from pigg.train import train
 
 SEED_RECIPE = dict(batch_size=1, grad_accum=8, gradient_checkpointing=True, logits_on_labels_only=False,
                    dataloader_workers=0, liger_kernel=False, optimizer="adamw_torch", torch_compile=False,
-                   lora_input_fp32=True, fused_lora=False, padding_mask=True,
+                   lora_input_fp32=True, fused_lora=False, dropout_kernel=False, padding_mask=True,
                    pad_to_multiple=1, batched_vision_attention=False)
 PIGG_DEFAULT = {}  # nothing given: batch plan from memory, labels-only logits, 8 workers, Liger, fused AdamW
 LEVERS = {  # one change to the seed recipe each
@@ -78,6 +78,8 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
     "pigg_default_lora_80gb_peft": ("lora", {"gpu_memory_gib": 79.2, "fused_lora": False}, 12),
     # attention given the padding mask (masked kernel over repeated key/value heads; pigg's default before)
     "pigg_default_lora_80gb_padding_mask": ("lora", {"gpu_memory_gib": 79.2, "padding_mask": True}, 12),
+    # the fused adapters drawing PEFT's masks with PyTorch's dropout (pigg's default before pigg.dropout_kernel)
+    "pigg_default_lora_80gb_pytorch_dropout": ("lora", {"gpu_memory_gib": 79.2, "dropout_kernel": False}, 12),
     # the vision tower's attention image by image, as transformers runs it
     "pigg_default_lora_80gb_per_image_attention": ("lora", {"gpu_memory_gib": 79.2, "batched_vision_attention": False},
                                                    12),
@@ -92,7 +94,8 @@ ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lev
          "pigg_default_lora_compiled_no_dropout", "pigg_default_lora_no_cudnn_attention", "pigg_default_lora_mb4",
          "pigg_default_lora_mb8_checkpointing", "pigg_default_lora_80gb", "pigg_default_lora_peft",
          "pigg_default_lora_80gb_peft", "pigg_default_lora_80gb_padding_mask",
-         "pigg_default_lora_80gb_per_image_attention", "pigg_default_full_80gb",
+         "pigg_default_lora_80gb_per_image_attention", "pigg_default_lora_80gb_pytorch_dropout",
+         "pigg_default_full_80gb",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]
 WORKERS = (1, 4, 8, 16)  # DataLoader workers the input pipeline is timed with

@@ -15,6 +15,8 @@ values are PEFT's up to the order of float rounding (tests/test_lora.py). On the
 memory that leaves micro-batch 8 without recomputation: 9.35-10.00 samples/s on an H200 capped there,
 against 8.85 with PEFT's adapters and 11 layers recomputed (README, Measured). An input that PEFT
 would first cast to the adapters' float32 (the seed's `train.lora_input_fp32`) goes to PEFT's forward.
+With `kernel` on a GPU, dropout and A run in pigg.dropout_kernel's Triton kernels instead, which keep
+as little and move fewer bytes, but draw masks of their own.
 """
 import contextlib
 import functools
@@ -69,6 +71,7 @@ class Adapter:
     b: nn.Linear
     dropout: float
     scale: float
+    kernel: type | None = None  # pigg.dropout_kernel's DropoutThenLinear, where it serves
 
 
 def fused_forward(layer, adapter: Adapter, x, *args, **kwargs):
@@ -81,7 +84,12 @@ def fused_forward(layer, adapter: Adapter, x, *args, **kwargs):
     result = adapter.base(rows)  # 2-D, so that the in-place sum below needs no view's bookkeeping
     weight_a = adapter.a.weight.to(result.dtype)
     p = adapter.dropout if layer.training else 0.0
-    hidden = DropoutThenLinear.apply(rows, weight_a, p) if p > 0 else F.linear(rows, weight_a)
+    if p == 0:
+        hidden = F.linear(rows, weight_a)
+    elif adapter.kernel is not None and adapter.kernel.serves(rows):
+        hidden = adapter.kernel.apply(rows, weight_a, p)
+    else:
+        hidden = DropoutThenLinear.apply(rows, weight_a, p)
     result.addmm_(hidden, adapter.b.weight.to(result.dtype).t(), alpha=adapter.scale)
     return result.view(*x.shape[:-1], result.shape[-1])
 
@@ -95,7 +103,7 @@ def _in_compute_dtype(layer, adapter: Adapter, x) -> bool:
     return x.dtype == compute == adapter.base.weight.dtype and not casts_input
 
 
-def fusable_adapter(layer) -> Adapter | None:
+def fusable_adapter(layer, kernel: type | None = None) -> Adapter | None:
     """Plain LoRA on an nn.Linear: one adapter without biases or variant (DoRA, ...)."""
     if len(layer.lora_A) != 1 or getattr(layer, "lora_variant", None) or type(layer.base_layer) is not nn.Linear:
         return None
@@ -104,7 +112,7 @@ def fusable_adapter(layer) -> Adapter | None:
     if a.bias is not None or b.bias is not None:
         return None
     return Adapter(name, layer.base_layer, a, b, dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-                   layer.scaling[name])
+                   layer.scaling[name], kernel if kernel is not None and kernel.serves_rank(a.out_features) else None)
 
 
 def adapted_layers(model) -> list:
@@ -114,16 +122,21 @@ def adapted_layers(model) -> list:
 
 
 @contextlib.contextmanager
-def fused_adapters(model, on: bool):
-    """While in the block, the model's LoRA linear layers run `fused_forward`; PEFT's after."""
-    layers = []
+def fused_adapters(model, on: bool, kernel: bool = False):
+    """While in the block, the model's LoRA linear layers run `fused_forward` (with `kernel`, its dropout
+    and A in pigg.dropout_kernel's Triton kernels on a GPU); PEFT's after."""
+    layers, function = [], None
+    if on and kernel:
+        from pigg.dropout_kernel import DropoutThenLinear as function
     for layer in adapted_layers(model) if on else []:
-        adapter = fusable_adapter(layer)
+        adapter = fusable_adapter(layer, function)
         if adapter is not None:
             layer.forward = functools.partial(fused_forward, layer, adapter)
             layers.append(layer)
     if layers:
-        print(f"fused LoRA: {len(layers)} adapted layers (dropout masks drawn again in the backward)")
+        how = ("dropout and A in Triton kernels, masks from pigg.dropout_kernel's Philox counters" if kernel
+               else "dropout masks drawn again in the backward")
+        print(f"fused LoRA: {len(layers)} adapted layers ({how})")
     try:
         yield
     finally:

@@ -99,7 +99,7 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
     )
     print_processes(trainer, cfg.train, model)
     with (liger_kernels(model, use_liger(cfg.train.liger_kernel, cfg.train.torch_compile)),
-          fused_adapters(model, fuse_adapters(cfg.train)),
+          fused_adapters(model, fuse_adapters(cfg.train), use_dropout_kernel(cfg.train)),
           adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32),
           batched_vision_attention(visual, cfg.train.batched_vision_attention),
           cudnn_attention(cfg.train.cudnn_attention)):
@@ -141,6 +141,18 @@ def fuse_adapters(train_cfg) -> bool:
     """pigg.lora's fused adapters: asked for, and neither compiled (Inductor fuses on its own) nor with
     the adapters' inputs cast to float32 (which the fused forward leaves to PEFT's)."""
     return train_cfg.fused_lora and not train_cfg.torch_compile and not train_cfg.lora_input_fp32
+
+
+def use_dropout_kernel(train_cfg) -> bool:
+    """pigg.dropout_kernel's Triton dropout: asked for, or by default where a GPU trains with the fused
+    adapters and Triton is installed."""
+    import importlib.util
+
+    available = device() == "cuda" and importlib.util.find_spec("triton") is not None
+    if train_cfg.dropout_kernel and not (available and fuse_adapters(train_cfg)):
+        raise C.ConfigError("train.dropout_kernel needs a CUDA GPU, Triton (which PyTorch's CUDA builds bring) "
+                            "and the fused adapters (train.fused_lora, without torch_compile or lora_input_fp32)")
+    return available and fuse_adapters(train_cfg) if train_cfg.dropout_kernel is None else train_cfg.dropout_kernel
 
 
 def use_liger(setting: bool | None, compiled: bool = False) -> bool:

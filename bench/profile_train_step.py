@@ -49,7 +49,8 @@ class Profiler(TrainerCallback):
         self.prof, self.wall, self.memory = None, None, {}
 
     def on_step_end(self, args, state, control, **kw):
-        torch.cuda.synchronize()
+        if state.global_step in (START, STOP):  # only there: a wait at every step would idle the GPU
+            torch.cuda.synchronize()
         if state.global_step == START:
             self.memory["start"] = torch.cuda.memory_stats()
             self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,

@@ -1,6 +1,7 @@
 """The GPU benchmark's own bookkeeping, run on CPU with the tiny model: a variant that trains must come
 back with its rate, plan and loss curve (a mistake here costs a whole GPU session)."""
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,12 +10,25 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+class ClockEvent:
+    """torch.cuda.Event's timing on the CPU's clock."""
+    def __init__(self, enable_timing=False):
+        self.time = None
+
+    def record(self):
+        self.time = time.perf_counter()
+
+    def elapsed_time(self, end) -> float:
+        return (end.time - self.time) * 1e3
+
+
 @pytest.fixture
 def train_throughput(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *a: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 0)
+    monkeypatch.setattr(torch.cuda, "Event", ClockEvent)
     import train_throughput
 
     yield train_throughput
@@ -27,6 +41,7 @@ def test_a_throughput_variant_reports_rate_plan_and_losses(train_throughput, tin
     synthesize(tmp_path / "data", 8, samples_per_user=2, seed=0, width=180, height=400)  # users 1-8, as on the GPU
     settings = {"cudnn_attention": False, "lora.dropout": 0.0, "dataloader_workers": 0}
     monkeypatch.setitem(train_throughput.VARIANTS, "cpu", ("lora", settings, 3))
+    monkeypatch.setattr(train_throughput, "CURVES", {"cpu"})  # logged every step
     result = train_throughput.pigg_variant("cpu", tiny_dir, tmp_path / "data", tmp_path, tokens=1054)
     assert (result["micro_batch"], result["grad_accum"], result["checkpointing"]) == (1, 8, 0)
     assert len(result["step_seconds"]) == 2 and result["samples_per_s"] > 0

@@ -104,71 +104,30 @@ def test_batched_vision_attention_within_bf16_rounding_on_gpu(tiny_dir, processo
         torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("m, k, rank, p", [(1000, 4096, 8, 0.1), (77, 200, 16, 0.3), (8448, 12288, 8, 0.1)])
-def test_dropout_kernel_is_dropout_with_its_masks_on_gpu(m, k, rank, p):
-    """pigg.dropout_kernel's output and gradients are dropout's with the masks it draws, within bf16
-    rounding, where tiles are partial too; the masks keep 1 - p of the elements, repeat for the same
-    call and differ between calls."""
-    import torch.nn.functional as F
+def test_a_training_step_waits_for_the_gpu_only_inside_the_model_on_gpu(tiny_dir, synth_root, tmp_path):
+    """Between two optimizer steps the CPU never waits for the GPU: not for the sample count, the copy of
+    the batch or a NaN test of the loss (synchronising calls of step 3, recorded by CUDA's sync debug
+    mode, come from the model's forward and pigg's supervised positions only), so it prepares the next
+    step while the GPU runs the last."""
+    import inspect
+    import warnings
 
-    from pigg import dropout_kernel as D
+    from transformers import TrainerCallback
 
-    torch.manual_seed(0)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-    grad = torch.randn(m, rank, device="cuda", dtype=torch.bfloat16)
-    seed, call = D.reserve_call(x.device)
-    keep = D.keep_mask(m, k, p, seed, call, x.device)
-    assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / keep.numel()) ** 0.5 + 1e-4
-    assert torch.equal(keep, D.keep_mask(m, k, p, seed, call, x.device))
-    assert (keep != D.keep_mask(m, k, p, seed, D.reserve_call(x.device)[1], x.device)).float().mean() > p
+    from pigg.train import supervised_loss, train
 
-    x32, w32 = x.float().requires_grad_(), weight.float().requires_grad_()
-    reference = F.linear(torch.where(keep, x32 / (1 - p), 0.0), w32)
-    reference.backward(grad.float())
-    out = D.dropout_linear(x, weight, p, seed, call)
-    grad_x, grad_weight = D.dropout_linear_backward(x, weight, grad, p, seed, call, input_grad=True)
-    for got, want in ((out, reference), (grad_x, x32.grad), (grad_weight, w32.grad)):
-        assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
-    assert D.dropout_linear_backward(x, weight, grad, p, seed, call, input_grad=False)[0] is None
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.set_sync_debug_mode({2: "warn", 3: "default"}.get(state.global_step, "default"))
 
-
-def test_dropout_kernel_trains_the_tiny_model_on_gpu(tiny_dir):
-    """In the fused adapters: with B = 0 (a new adapter) the loss is PEFT's to the bit whatever the masks;
-    the same seed gives the same gradients; a recomputed layer draws its forward's masks again."""
-    from peft.helpers import disable_input_dtype_casting
-    from transformers import Qwen3VLForConditionalGeneration
-
-    from pigg.config import LoraSettings
-    from pigg.lora import adapted_layers, fused_adapters
-    from pigg.model import prepare_model
-    from pigg.train import checkpoint_layers, unwrapped
-
-    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16).cuda()
-    model = prepare_model(model, "lora", LoraSettings(dropout=0.1)).train()
-    ids = torch.randint(0, 1000, (4, 256), generator=torch.Generator().manual_seed(0)).cuda()
-
-    def step(fused, kernel):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(0)
-        with (fused_adapters(model, fused, kernel), disable_input_dtype_casting(model),
-              torch.autocast("cuda", dtype=torch.bfloat16)):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-        return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-
-    assert step(True, True)[0] == step(False, False)[0]
-    torch.manual_seed(1)
-    for layer in adapted_layers(model):
-        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-    loss, grads = step(True, True)
-    again, other = step(True, False), step(True, True)
-    checkpoint_layers(model, len(unwrapped(model).model.language_model.layers))
-    recomputed_loss, recomputed = step(True, True)
-    assert other[0] == loss and recomputed_loss == loss
-    for name, grad in grads.items():
-        assert relative_error(other[1], grads, name) < 1e-2, name
-        assert relative_error(recomputed, grads, name) < 1e-2, name
-    # the kernel's masks are not PyTorch's: the gradients show it
-    assert max(relative_error(again[1], grads, n) for n in grads if "lora_A" in n) > 0.1
+    lines, first = inspect.getsourcelines(supervised_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_run_config(tiny_dir, synth_root, tmp_path, dataloader_workers=2, logging_steps=10),
+              callbacks=[Watch()])
+    syncs = {(w.filename, w.lineno) for w in caught if "synchronizing" in str(w.message)}
+    assert syncs  # the mode was on: the forward's own syncs are seen
+    for filename, lineno in syncs:
+        assert not filename.endswith(("transformers/trainer.py", "accelerate/accelerator.py")), (filename, lineno)
+        if filename.endswith("pigg/train.py"):
+            assert first <= lineno < first + len(lines), lineno

@@ -158,21 +158,3 @@ def test_fused_adapters_only_where_the_batch_plan_counts_on_them():
     assert fuse_adapters(TrainConfig())
     for off in ({"fused_lora": False}, {"torch_compile": True}, {"lora_input_fp32": True}):
         assert not fuse_adapters(TrainConfig(**off)), off
-
-
-def test_dropout_kernel_only_on_a_gpu_with_the_fused_adapters(monkeypatch):
-    """None turns the Triton dropout on where it can run; asked for where it cannot, a clear error."""
-    from pigg import train as T
-    from pigg.config import ConfigError, TrainConfig
-
-    monkeypatch.setattr(T, "device", lambda: "cpu")
-    assert not T.use_dropout_kernel(TrainConfig())
-    assert not T.use_dropout_kernel(TrainConfig(dropout_kernel=False))
-    with pytest.raises(ConfigError, match="train.dropout_kernel needs a CUDA GPU"):
-        T.use_dropout_kernel(TrainConfig(dropout_kernel=True))
-    monkeypatch.setattr(T, "device", lambda: "cuda")
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "triton" else None)
-    assert T.use_dropout_kernel(TrainConfig())
-    assert not T.use_dropout_kernel(TrainConfig(fused_lora=False))
-    with pytest.raises(ConfigError, match="fused adapters"):
-        T.use_dropout_kernel(TrainConfig(dropout_kernel=True, torch_compile=True))

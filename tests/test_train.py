@@ -209,6 +209,24 @@ def test_flop_estimate_is_the_stock_one(tiny_dir, processor, synth_root, tmp_pat
         assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) > 0
 
 
+def test_a_step_counts_its_samples_without_the_device(tiny_dir, tmp_path):
+    """On one process the step's sample count is a plain number (a tensor made on the GPU would wait for
+    it); the losses it divides are tested against the stock Trainer's below."""
+    from transformers import TrainingArguments
+
+    from pigg.batching import BatchPlan
+    from pigg.train import GlobalTrainer, training_arguments
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir)
+    trainer = GlobalTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
+    batches = [{"labels": torch.zeros(3, 5)}, {"labels": torch.zeros(2, 5)}, {"labels": torch.zeros(1, 5)}]
+    taken, samples = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    assert taken == batches[:2] and samples == 5 and isinstance(samples, int)
+    # nor does the Trainer read each micro-batch's loss back to test it for NaN
+    args = training_arguments(tiny_run_config(tiny_dir, tmp_path, tmp_path), tmp_path, BatchPlan(1, 8, 1, 0, 2, ""))
+    assert not args.logging_nan_inf_filter
+
+
 def test_rope_positions_refuse_a_run_that_is_not_the_next_image():
     from pigg.collate import rope_positions
 

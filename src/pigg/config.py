@@ -95,12 +95,6 @@ class TrainConfig:
                                  "the dropped-out input (18 of LoRA's 60 activation bytes per token, layer and hidden "
                                  "unit on the 8B), and B, scale and sum in one addmm; off, PEFT's forward. Not with "
                                  "torch_compile, which fuses on its own, nor with lora_input_fp32.")
-    dropout_kernel: bool | None = opt(None, "Run the fused adapters' dropout and A in Triton kernels (pigg.dropout_kernel): "
-                                            "each reads the input once and draws the mask on the fly, from Philox "
-                                            "counters keyed by the CUDA generator, so the masks are Bernoulli as "
-                                            "PyTorch's but not PEFT's (the same for the same seed, and after a "
-                                            "resume). None: on when fused_lora is, a GPU trains and Triton is "
-                                            "installed; false keeps PEFT's masks.")
     padding_mask: bool = opt(False, "Give attention the micro-batch's padding mask (the seed's way). Off, rows padded "
                                     "on the right train with causal attention alone, which gives every real token "
                                     "the same result, and the rotary positions come from the DataLoader workers: "

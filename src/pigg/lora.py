@@ -15,8 +15,6 @@ values are PEFT's up to the order of float rounding (tests/test_lora.py). On the
 memory that leaves micro-batch 8 without recomputation: 9.35-10.00 samples/s on an H200 capped there,
 against 8.85 with PEFT's adapters and 11 layers recomputed (README, Measured). An input that PEFT
 would first cast to the adapters' float32 (the seed's `train.lora_input_fp32`) goes to PEFT's forward.
-With `kernel` on a GPU, dropout and A run in pigg.dropout_kernel's Triton kernels instead, which keep
-as little and move fewer bytes, but draw masks of their own.
 """
 import contextlib
 import functools
@@ -28,37 +26,56 @@ from torch import nn
 
 
 class DropoutThenLinear(torch.autograd.Function):
-    """dropout(x, p) @ weight.T, keeping x and the generator's state instead of the dropped-out x."""
+    """dropout(x, p) @ weight.T, keeping x and the generator's state instead of the dropped-out x.
+
+    The backward draws the mask again with the generator put back where the forward found it, and
+    applies it as dropout's own backward does, with no autograd of its own: less of the CPU's time
+    than a nested autograd.grad under fork_rng (on a 2-core CPU, 292 -> 224 us for a small layer's
+    forward and backward; a step of the 8B calls it 252 times)."""
 
     @staticmethod
     def forward(ctx, x, weight, p):
-        ctx.p, ctx.rng = p, _rng_state(x.device)
+        ctx.p, ctx.generator = p, _generator(x.device)
+        ctx.state = _state(ctx.generator)
         ctx.save_for_backward(x, weight)
         return F.linear(F.dropout(x, p, training=True), weight)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        cuda = x.device.type == "cuda"
-        with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
-            _set_rng_state(x.device, ctx.rng)
-            with torch.enable_grad():
-                leaf = x.detach().requires_grad_(ctx.needs_input_grad[0])
-                dropped = F.dropout(leaf, ctx.p, training=True)
-        grad_x = torch.autograd.grad(dropped, leaf, grad @ weight)[0] if ctx.needs_input_grad[0] else None
-        grad_weight = grad.t() @ dropped.detach() if ctx.needs_input_grad[1] else None
+        now = _state(ctx.generator)
+        _set_state(ctx.generator, ctx.state)
+        dropped, mask = torch.native_dropout(x, ctx.p, True)  # F.dropout's kernel, and its draws
+        _set_state(ctx.generator, now)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            scale = 0.0 if ctx.p == 1 else 1.0 / (1.0 - ctx.p)
+            grad_x = torch.ops.aten.native_dropout_backward(grad @ weight, mask, scale)
+        grad_weight = grad.t() @ dropped if ctx.needs_input_grad[1] else None
         return grad_x, grad_weight, None
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+def _generator(device: torch.device) -> torch.Generator:
     if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def _state(generator: torch.Generator):
+    """A CUDA generator's seed and offset (two numbers), else the whole state."""
+    if generator.device.type == "cuda":
+        return generator.initial_seed(), generator.get_offset()
+    return generator.get_state()
+
+
+def _set_state(generator: torch.Generator, state) -> None:
+    if generator.device.type != "cuda":
+        generator.set_state(state)
+        return
+    seed, offset = state
+    if generator.initial_seed() != seed:
+        generator.manual_seed(seed)
+    generator.set_offset(offset)
 
 
 @dataclass(frozen=True)
@@ -71,7 +88,6 @@ class Adapter:
     b: nn.Linear
     dropout: float
     scale: float
-    kernel: type | None = None  # pigg.dropout_kernel's DropoutThenLinear, where it serves
 
 
 def fused_forward(layer, adapter: Adapter, x, *args, **kwargs):
@@ -84,12 +100,7 @@ def fused_forward(layer, adapter: Adapter, x, *args, **kwargs):
     result = adapter.base(rows)  # 2-D, so that the in-place sum below needs no view's bookkeeping
     weight_a = adapter.a.weight.to(result.dtype)
     p = adapter.dropout if layer.training else 0.0
-    if p == 0:
-        hidden = F.linear(rows, weight_a)
-    elif adapter.kernel is not None and adapter.kernel.serves(rows):
-        hidden = adapter.kernel.apply(rows, weight_a, p)
-    else:
-        hidden = DropoutThenLinear.apply(rows, weight_a, p)
+    hidden = DropoutThenLinear.apply(rows, weight_a, p) if p > 0 else F.linear(rows, weight_a)
     result.addmm_(hidden, adapter.b.weight.to(result.dtype).t(), alpha=adapter.scale)
     return result.view(*x.shape[:-1], result.shape[-1])
 
@@ -103,7 +114,7 @@ def _in_compute_dtype(layer, adapter: Adapter, x) -> bool:
     return x.dtype == compute == adapter.base.weight.dtype and not casts_input
 
 
-def fusable_adapter(layer, kernel: type | None = None) -> Adapter | None:
+def fusable_adapter(layer) -> Adapter | None:
     """Plain LoRA on an nn.Linear: one adapter without biases or variant (DoRA, ...)."""
     if len(layer.lora_A) != 1 or getattr(layer, "lora_variant", None) or type(layer.base_layer) is not nn.Linear:
         return None
@@ -112,7 +123,7 @@ def fusable_adapter(layer, kernel: type | None = None) -> Adapter | None:
     if a.bias is not None or b.bias is not None:
         return None
     return Adapter(name, layer.base_layer, a, b, dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-                   layer.scaling[name], kernel if kernel is not None and kernel.serves_rank(a.out_features) else None)
+                   layer.scaling[name])
 
 
 def adapted_layers(model) -> list:
@@ -122,21 +133,16 @@ def adapted_layers(model) -> list:
 
 
 @contextlib.contextmanager
-def fused_adapters(model, on: bool, kernel: bool = False):
-    """While in the block, the model's LoRA linear layers run `fused_forward` (with `kernel`, its dropout
-    and A in pigg.dropout_kernel's Triton kernels on a GPU); PEFT's after."""
-    layers, function = [], None
-    if on and kernel:
-        from pigg.dropout_kernel import DropoutThenLinear as function
+def fused_adapters(model, on: bool):
+    """While in the block, the model's LoRA linear layers run `fused_forward`; PEFT's after."""
+    layers = []
     for layer in adapted_layers(model) if on else []:
-        adapter = fusable_adapter(layer, function)
+        adapter = fusable_adapter(layer)
         if adapter is not None:
             layer.forward = functools.partial(fused_forward, layer, adapter)
             layers.append(layer)
     if layers:
-        how = ("dropout and A in Triton kernels, masks from pigg.dropout_kernel's Philox counters" if kernel
-               else "dropout masks drawn again in the backward")
-        print(f"fused LoRA: {len(layers)} adapted layers ({how})")
+        print(f"fused LoRA: {len(layers)} adapted layers (dropout masks drawn again in the backward)")
     try:
         yield
     finally:

@@ -99,7 +99,7 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
     )
     print_processes(trainer, cfg.train, model)
     with (liger_kernels(model, use_liger(cfg.train.liger_kernel, cfg.train.torch_compile)),
-          fused_adapters(model, fuse_adapters(cfg.train), use_dropout_kernel(cfg.train)),
+          fused_adapters(model, fuse_adapters(cfg.train)),
           adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32),
           batched_vision_attention(visual, cfg.train.batched_vision_attention),
           cudnn_attention(cfg.train.cudnn_attention)):
@@ -141,18 +141,6 @@ def fuse_adapters(train_cfg) -> bool:
     """pigg.lora's fused adapters: asked for, and neither compiled (Inductor fuses on its own) nor with
     the adapters' inputs cast to float32 (which the fused forward leaves to PEFT's)."""
     return train_cfg.fused_lora and not train_cfg.torch_compile and not train_cfg.lora_input_fp32
-
-
-def use_dropout_kernel(train_cfg) -> bool:
-    """pigg.dropout_kernel's Triton dropout: asked for, or by default where a GPU trains with the fused
-    adapters and Triton is installed."""
-    import importlib.util
-
-    available = device() == "cuda" and importlib.util.find_spec("triton") is not None
-    if train_cfg.dropout_kernel and not (available and fuse_adapters(train_cfg)):
-        raise C.ConfigError("train.dropout_kernel needs a CUDA GPU, Triton (which PyTorch's CUDA builds bring) "
-                            "and the fused adapters (train.fused_lora, without torch_compile or lora_input_fp32)")
-    return available and fuse_adapters(train_cfg) if train_cfg.dropout_kernel is None else train_cfg.dropout_kernel
 
 
 def use_liger(setting: bool | None, compiled: bool = False) -> bool:
@@ -368,6 +356,10 @@ def training_arguments(cfg, out: Path, plan: BatchPlan, model=None) -> TrainingA
         eval_strategy="no",
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        # The stock filter tests every micro-batch's loss for NaN on the CPU: the CPU waits for the
+        # backward to finish, and the GPU then idles through the optimizer's and the next step's Python.
+        # Off, a NaN or infinite loss is logged as it is.
+        logging_nan_inf_filter=False,
         report_to="none",
         optim=t.optimizer,
         dataloader_num_workers=t.dataloader_workers,
@@ -430,13 +422,22 @@ class GlobalTrainer(Trainer):
         return 6 * inputs[main].numel() * self._flop_parameters
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The micro-batches of one optimizer step, and how many samples they hold over all processes."""
+        """The micro-batches of one optimizer step, and how many samples they hold over all processes:
+        a number for one process (a tensor made on the GPU would wait for it to finish the last step)."""
         # The stock version also counts (and gathers) supervised tokens, which this loss does not use.
         batches = list(itertools.islice(epoch_iterator, num_batches))
-        samples = torch.tensor(sum(len(b["labels"]) for b in batches), device=device)
+        samples = sum(len(b["labels"]) for b in batches)
         if self.args.world_size > 1:
-            samples = self.accelerator.gather(samples).sum()
+            return batches, self.accelerator.gather(torch.tensor(samples, device=device)).sum()
         return batches, samples
+
+    def _prepare_input(self, data):
+        """The stock move to the device, without waiting for it where the DataLoader pinned the batch:
+        the stock copy makes the CPU wait until the GPU has finished the previous step, and the GPU
+        then idles while the CPU starts the next (bench/profile_train_step.py)."""
+        if isinstance(data, torch.Tensor) and data.is_pinned() and not self.is_deepspeed_enabled:
+            return data.to(self.args.device, non_blocking=True)
+        return super()._prepare_input(data)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Accumulate on the device: no host sync per micro-batch.

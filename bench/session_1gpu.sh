@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-26 on an H200): bash bench/session_1gpu.sh 1..26. Each variant runs in a process of its own (Liger's
-# patches and compiled graphs stay in a process) and writes $OUT/train_throughput_VARIANT[SUFFIX].json.
+# on H100s, 6-25 on an H200, 26 not yet): bash bench/session_1gpu.sh 1..26. Each variant runs in a
+# process of its own (Liger's patches and compiled graphs stay in a process) and writes
+# $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
 cd "$(dirname "$0")/.."
 # A variant killed by its time limit leaves its output (~65 GB for full fine-tuning) in its own TMPDIR,
@@ -68,19 +69,22 @@ case "${1:-1}" in
       variant input_pipeline 150 ;;
   22) variant pigg_default_lora 150 _batched_vision
       timeout 250 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -24 ;;
-  23) # bench/dropout_kernel.py, pigg.dropout_kernel and the variant pigg_default_lora_80gb_pytorch_dropout: commit 307a8aa
+  23) # bench/dropout_kernel.py, pigg.dropout_kernel and the variant ..._pytorch_dropout: commit 307a8aa
       timeout 70 python3 bench/dropout_kernel.py 2>&1
       variant pigg_default_lora_80gb 110 _dropout_kernel
       variant pigg_default_lora_80gb_pytorch_dropout 110
       timeout 160 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | grep -E "^E |passed|failed"
       timeout 140 python3 bench/profile_train_step.py gpu_memory_gib=79.2 --stack 2>&1 | tail -70 ;;
-  24) timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k "waits or tiny_lora" 2>&1 | grep -E "^E |passed|failed"
+  24) timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k "waits or tiny_lora" 2>&1 \
+        | grep -E "^E |passed|failed"
       variant pigg_default_lora_80gb 110 _no_step_syncs
       variant pigg_default_lora 130 _no_step_syncs
       timeout 140 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60
       variant input_pipeline 90 ;;
   25) timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | grep -E "^E |passed|failed"
       variant pigg_default_full_80gb 260 _no_step_syncs ;;
-  26) timeout 60 python3 -m pytest -q -m gpu tests/test_gpu.py -k fused 2>&1 | grep -E "^E |passed|failed"
+  26) # the fused adapters' backward without fork_rng and a nested autograd (commit a223e15's pigg/lora.py;
+      # not run: no device time was left, and that backward was restored to the one tested here)
+      timeout 60 python3 -m pytest -q -m gpu tests/test_gpu.py -k fused 2>&1 | grep -E "^E |passed|failed"
       variant pigg_default_lora_80gb 110 _lean_dropout_backward ;;
 esac

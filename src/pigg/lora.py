@@ -26,56 +26,37 @@ from torch import nn
 
 
 class DropoutThenLinear(torch.autograd.Function):
-    """dropout(x, p) @ weight.T, keeping x and the generator's state instead of the dropped-out x.
-
-    The backward draws the mask again with the generator put back where the forward found it, and
-    applies it as dropout's own backward does, with no autograd of its own: less of the CPU's time
-    than a nested autograd.grad under fork_rng (on a 2-core CPU, 292 -> 224 us for a small layer's
-    forward and backward; a step of the 8B calls it 252 times)."""
+    """dropout(x, p) @ weight.T, keeping x and the generator's state instead of the dropped-out x."""
 
     @staticmethod
     def forward(ctx, x, weight, p):
-        ctx.p, ctx.generator = p, _generator(x.device)
-        ctx.state = _state(ctx.generator)
+        ctx.p, ctx.rng = p, _rng_state(x.device)
         ctx.save_for_backward(x, weight)
         return F.linear(F.dropout(x, p, training=True), weight)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        now = _state(ctx.generator)
-        _set_state(ctx.generator, ctx.state)
-        dropped, mask = torch.native_dropout(x, ctx.p, True)  # F.dropout's kernel, and its draws
-        _set_state(ctx.generator, now)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            scale = 0.0 if ctx.p == 1 else 1.0 / (1.0 - ctx.p)
-            grad_x = torch.ops.aten.native_dropout_backward(grad @ weight, mask, scale)
-        grad_weight = grad.t() @ dropped if ctx.needs_input_grad[1] else None
+        cuda = x.device.type == "cuda"
+        with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
+            _set_rng_state(x.device, ctx.rng)
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(ctx.needs_input_grad[0])
+                dropped = F.dropout(leaf, ctx.p, training=True)
+        grad_x = torch.autograd.grad(dropped, leaf, grad @ weight)[0] if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ dropped.detach() if ctx.needs_input_grad[1] else None
         return grad_x, grad_weight, None
 
 
-def _generator(device: torch.device) -> torch.Generator:
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
     if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.default_generator
-
-
-def _state(generator: torch.Generator):
-    """A CUDA generator's seed and offset (two numbers), else the whole state."""
-    if generator.device.type == "cuda":
-        return generator.initial_seed(), generator.get_offset()
-    return generator.get_state()
-
-
-def _set_state(generator: torch.Generator, state) -> None:
-    if generator.device.type != "cuda":
-        generator.set_state(state)
-        return
-    seed, offset = state
-    if generator.initial_seed() != seed:
-        generator.manual_seed(seed)
-    generator.set_offset(offset)
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 @dataclass(frozen=True)

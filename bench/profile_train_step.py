@@ -2,8 +2,8 @@
 steps (after two warm-up steps) of `pigg.train.train()` on the real 8B architecture with random
 weights and 1080x2400 screenshots. Prints the busiest CUDA kernels and the step's CUDA vs wall time
 (a wall time well above the CUDA time means the GPU waits on Python, data or synchronisation), and
-where the GPU waits: its idle gaps summed by the kernel that ends each one, and what the CPU thread that
-launched that kernel was doing meanwhile (from the trace), and what the caching allocator did (a retry frees
+where the GPU waits: its idle gaps summed by the kernel that ends each one and by what the CPU thread
+that launched that kernel was doing meanwhile (from the trace), and what the caching allocator did (a retry frees
 cached blocks and synchronises the device). With OUT set it also writes the trace there (else in a temporary
 folder), gzipped, for chrome://tracing or Perfetto.
 
@@ -61,21 +61,6 @@ class Profiler(TrainerCallback):
             self.wall = time.perf_counter() - self.wall
             self.prof.__exit__(None, None, None)
             self.memory["end"] = torch.cuda.memory_stats()
-
-
-def idle_gaps(kernels, rows: int = 15) -> str:
-    """The GPU's idle time between kernels, summed by the kernel that ends the wait (gaps over 20 us)."""
-    spans = sorted((e.time_range.start, e.time_range.end, e.name[:90]) for e in kernels)
-    waits, counts = collections.Counter(), collections.Counter()
-    busy_until = spans[0][1]
-    for start, end, name in spans[1:]:
-        if start - busy_until > 20:
-            waits[name] += start - busy_until
-            counts[name] += 1
-        busy_until = max(busy_until, end)
-    lines = [f"GPU idle over 2 steps: {sum(waits.values()) / 1e3:.1f} ms in gaps over 20 us, by the kernel after it:"]
-    lines += [f"{us / 1e3:9.2f} ms {counts[name]:6d} x  {name}" for name, us in waits.most_common(rows)]
-    return "\n".join(lines)
 
 
 def allocator_counts(start: dict, end: dict) -> str:
@@ -178,6 +163,8 @@ def idle_cpu(trace: dict, rows: int = 20) -> str:
     lates = [us for us in late if us is not None]
     lines = [f"GPU idle: {idle / 1e3:.2f} ms in {len(gaps)} gaps over {MIN_GAP_US} us; the kernel after the gap "
              f"launched after it began in {len(lates)} gaps, {sum(lates) / 1e3:.2f} ms late in all",
+             "by the kernel after the gap (ms, gaps):",
+             *tally([(i, op["name"][:90], end - start) for i, (start, end, op) in enumerate(gaps)], rows),
              "CPU on the launching thread during the gaps, by the innermost event (ms, gaps):",
              *tally(names, rows),
              "the same by stack (innermost < 3 enclosing events):",
@@ -214,7 +201,6 @@ def main():
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     cuda_total = sum(e.self_device_time_total for e in kernels) / 1e3 / (STOP - START)
     text = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
-    launched = [e for e in profiler.prof.events() if e.device_type == DeviceType.CUDA]
     shapes = profiler.prof.key_averages(group_by_input_shape=True)
     busiest = sorted((e for e in shapes if e.key in ("aten::copy_", "aten::add_", "aten::add")),
                      key=lambda e: -e.self_device_time_total)[:12]
@@ -227,7 +213,7 @@ def main():
     profiler.prof.export_chrome_trace(str(trace))  # .gz: gzipped
     with gzip.open(trace, "rt") as f:
         cpu = idle_cpu(json.load(f))
-    report = "\n".join([text, "copies and sums by input shape (2 steps):", by_shape, idle_gaps(launched), summary,
+    report = "\n".join([text, "copies and sums by input shape (2 steps):", by_shape, summary,
                         allocator_counts(profiler.memory["start"], profiler.memory["end"]), cpu])
     print(report)
     if os.environ.get("OUT"):

@@ -407,6 +407,7 @@ class GlobalTrainer(Trainer):
     def __init__(self, *args, logits_on_labels_only: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.logits_on_labels_only = logits_on_labels_only
+        self._flop_parameters = None  # the model's parameters other than embeddings, counted at the first step
         # The loss below is already normalised over the step: the Trainer must not divide it again.
         self.model_accepts_loss_kwargs = True
 
@@ -417,7 +418,7 @@ class GlobalTrainer(Trainer):
         main = getattr(self.model, "main_input_name", "input_ids")
         if main not in inputs or not hasattr(self.model, "num_parameters"):
             return 0
-        if getattr(self, "_flop_parameters", None) is None:
+        if self._flop_parameters is None:
             self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main].numel() * self._flop_parameters
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-25 on an H200, 26 not yet): bash bench/session_1gpu.sh 1..26. Each variant runs in a
+# on H100s, 6-25 and 27- on an H200, 26 not run): bash bench/session_1gpu.sh 1..29. Each variant runs in a
 # process of its own (Liger's patches and compiled graphs stay in a process) and writes
 # $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
@@ -87,4 +87,26 @@ case "${1:-1}" in
       # not run: no device time was left, and that backward was restored to the one tested here)
       timeout 60 python3 -m pytest -q -m gpu tests/test_gpu.py -k fused 2>&1 | grep -E "^E |passed|failed"
       variant pigg_default_lora_80gb 110 _lean_dropout_backward ;;
+  27) # each adapted layer one autograd node (pigg.lora.AdaptedLinear), the supervised positions from the
+      # DataLoader, the vision tower outside autocast
+      timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "fused or vision or waits" 2>&1 \
+        | grep -E "^E |passed|failed"
+      variant pigg_default_lora_80gb 110 _adapted_linear
+      variant pigg_default_lora_80gb_vision_autocast 110
+      timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
+  28) # dropout's backward and an add in place of addcmul_ (CUDA's mixed-dtype path: 51 ms a step in part 27),
+      # logits at each row's supervised positions only (not at their union over the micro-batch), and the
+      # vision tower's rotary embedding without float32 copies
+      timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "fused or waits or tiny_lora or rotary" 2>&1 \
+        | grep -E "^E |passed|failed"
+      variant pigg_default_lora_80gb 110 _row_logits
+      variant pigg_default_lora 130 _row_logits
+      timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
+  29) # the adapters' scale applied inside kernels that run anyway, the vision tower's grid-derived tensors
+      # computed once per grid, DeepStack added without waits; CPU seconds per step
+      timeout 150 python3 -m pytest -q -s -m gpu tests/test_gpu.py -k "fused or vision or waits" 2>&1 \
+        | grep -E "^E |passed|failed|waits for the GPU at"
+      variant pigg_default_lora_80gb 110 _grid_cache
+      variant pigg_default_full_80gb 260 _row_logits
+      timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
 esac

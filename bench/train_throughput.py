@@ -81,6 +81,8 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
     # the vision tower's attention image by image, as transformers runs it
     "pigg_default_lora_80gb_per_image_attention": ("lora", {"gpu_memory_gib": 79.2, "batched_vision_attention": False},
                                                    12),
+    # the vision tower under the Trainer's autocast, as the seed runs it (float32 LayerNorms)
+    "pigg_default_lora_80gb_vision_autocast": ("lora", {"gpu_memory_gib": 79.2, "vision_without_autocast": False}, 12),
 }
 # Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
 # it where installed: give each variant a process of its own (`... train_throughput.py NAME --json F`)
@@ -92,7 +94,8 @@ ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lev
          "pigg_default_lora_compiled_no_dropout", "pigg_default_lora_no_cudnn_attention", "pigg_default_lora_mb4",
          "pigg_default_lora_mb8_checkpointing", "pigg_default_lora_80gb", "pigg_default_lora_peft",
          "pigg_default_lora_80gb_peft", "pigg_default_lora_80gb_padding_mask",
-         "pigg_default_lora_80gb_per_image_attention", "pigg_default_full_80gb",
+         "pigg_default_lora_80gb_per_image_attention", "pigg_default_lora_80gb_vision_autocast",
+         "pigg_default_full_80gb",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]
 CURVES = {"seed_lora", "pigg_default_lora", "pigg_default_lora_compiled", "pigg_default_lora_no_dropout",
@@ -104,13 +107,23 @@ LORA_LR = 1e-4  # large enough that 16 steps move the loss; speed does not depen
 class StepTimer(TrainerCallback):
     """Marks the end of each optimizer step in the GPU's stream, without waiting for the GPU: a timer
     that synchronised would hold the CPU back from preparing the next step while the GPU works, as
-    training does not."""
+    training does not. Also notes the CPU time of the training thread (the forward, the optimizer,
+    the Trainer) and of the whole process (with autograd's thread, which runs the backward): a step
+    whose CPU time nears its length is bound by launching its kernels, not by the GPU."""
     def __init__(self):
-        self.events = []
+        self.events, self.cpu = [], []
 
     def on_step_end(self, args, state, control, **kw):
         self.events.append(torch.cuda.Event(enable_timing=True))
         self.events[-1].record()
+        self.cpu.append((time.thread_time(), time.process_time()))
+
+
+def cpu_per_step(timer: StepTimer) -> dict:
+    """Median CPU seconds per step after the first, of the training thread and of the process."""
+    def median(i):
+        return round(statistics.median(b[i] - a[i] for a, b in zip(timer.cpu, timer.cpu[1:])), 3)
+    return {"training_thread": median(0), "process": median(1)}
 
 
 def step_rate(timer: StepTimer) -> tuple[float, list[float]]:
@@ -154,7 +167,7 @@ def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
                 grad_accum=plan["grad_accum"], checkpointing=plan["checkpointed_layers"],
                 samples_per_s=round(rate, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
                 mfu_pct=mfu_pct(rate, tokens, method), epoch_hours_90727=round(90727 / rate / 3600, 2),
-                step_seconds=steps_s, losses=losses, grad_norms=grad_norms)
+                step_seconds=steps_s, cpu_seconds_per_step=cpu_per_step(timer), losses=losses, grad_norms=grad_norms)
 
 
 def trl_variant(model_dir, data_dir, tokens) -> dict:
@@ -219,7 +232,8 @@ def input_pipeline(model_dir, data_dir) -> dict:
 
     samples, _ = load_samples(C.DataConfig(data_root=str(data_dir), users="1-8"))
     t = C.TrainConfig()
-    collate = TrainCollator(load_processor(str(model_dir)), 8192, t.padding_mask, t.pad_to_multiple, torch.bfloat16)
+    collate = TrainCollator(load_processor(str(model_dir)), 8192, t.padding_mask, t.pad_to_multiple, torch.bfloat16,
+                            supervised_index=t.logits_on_labels_only)
     rates = {}
     for workers in WORKERS:
         # The workers fill 4 batches each ahead while the first one starts: the clock starts once those

@@ -153,6 +153,15 @@ def test_supervised_positions_loss_equals_the_models_own(tiny_dir, synth_root, p
         for labels_only in (True, False):
             loss, _ = supervised_loss(model, batch, 8, labels_only)  # 3 of a step's 8 samples
             torch.testing.assert_close(loss, sum(own) / 8, rtol=1e-5, atol=1e-6)
+        # where the collator (in a DataLoader worker) says the supervised tokens are: logits there only
+        found = TrainCollator(processor, 4096, supervised_index=True)(samples[:3])
+        assert torch.equal(found["labels"], batch["labels"])
+        rows, length = len(found["labels"]), found["labels"].shape[1]
+        index = found["supervised_index"]
+        assert len(index) == (batch["labels"] != -100).sum() and (index // length < rows).all()
+        loss, outputs = supervised_loss(model, found, 8)
+        torch.testing.assert_close(loss, sum(own) / 8, rtol=1e-5, atol=1e-6)
+        assert outputs.logits.shape == (len(index), model.config.get_text_config().vocab_size)
 
 
 def test_batches_without_padding_mask_give_the_same_loss_and_gradients(tiny_dir, synth_root, processor):

@@ -58,6 +58,13 @@ def rope_positions(token_types: torch.Tensor, image_grids: torch.Tensor, merge: 
     return positions
 
 
+def supervised_index(labels: torch.Tensor) -> torch.Tensor:
+    """Where the logits of supervised tokens are computed: row x length + position of every position
+    whose next token is supervised, in the batch's rows and positions flattened."""
+    rows, positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + positions
+
+
 class TrainCollator:
     """Turn a list of Samples into a padded batch with labels; checks every sample it sees.
 
@@ -65,12 +72,16 @@ class TrainCollator:
     would compute from one: rows are padded on the right, so causal attention alone gives every real
     token the same result (its padding comes after it), and the labels ignore the padded positions.
     Rows are padded to a multiple of `pad_to_multiple` tokens; `pixel_dtype` casts the pixels here,
-    as the model would first thing (half the bytes to copy to the GPU for bfloat16).
+    as the model would first thing (half the bytes to copy to the GPU for bfloat16). With
+    `supervised_index` the batch also carries where the supervised tokens' logits are computed
+    (`supervised_index`; `pigg.train.supervised_loss` computes logits there only), found here rather
+    than on the GPU, where finding them makes the CPU wait for the GPU at the start of every forward.
     """
 
     def __init__(self, processor, max_length: int, padding_mask: bool = True, pad_to_multiple: int = 1,
-                 pixel_dtype: torch.dtype | None = None):
+                 pixel_dtype: torch.dtype | None = None, supervised_index: bool = False):
         self.processor = processor
+        self.supervised_index = supervised_index
         self.max_length = max_length
         self.padding_mask = padding_mask
         self.pad_to_multiple = pad_to_multiple
@@ -93,6 +104,8 @@ class TrainCollator:
             if n == 0:
                 raise ValueError(f"{s.where}: no supervised token (no assistant turn after the chat template)")
         batch["labels"] = labels
+        if self.supervised_index:
+            batch["supervised_index"] = supervised_index(labels)
         if self.pixel_dtype is not None and "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
         if not self.padding_mask:

@@ -106,6 +106,10 @@ class TrainConfig:
     batched_vision_attention: bool = opt(True, "Attend a micro-batch's same-sized images in one SDPA call per vision "
                                                "layer (pigg.vision) instead of image by image, with their lengths "
                                                "read once per step instead of once per layer; the same attention.")
+    vision_without_autocast: bool = opt(True, "Run the frozen vision tower in bf16 outside the Trainer's bf16 "
+                                              "autocast (pigg.vision): its LayerNorms then skip autocast's float32 "
+                                              "copies of their inputs and outputs; the same values up to float32 "
+                                              "rounding. Off, under autocast as the seed runs it.")
     cudnn_attention: bool = opt(True, "Let PyTorch's attention (SDPA) use cuDNN's kernels, its first choice on an H100; "
                                       "off, Flash or the memory-efficient kernel (~7% slower on an H100). On random "
                                       "inputs their gradients are as accurate (bench/attention_grads.py); turn it off "

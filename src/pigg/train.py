@@ -17,7 +17,7 @@ from transformers.integrations import TensorBoardCallback
 
 from pigg import config as C
 from pigg.batching import BatchPlan, GiB, estimator, plan_batch, world_size
-from pigg.collate import TrainCollator, sample_length
+from pigg.collate import TrainCollator, sample_length, supervised_index
 from pigg.data import load_samples
 from pigg.distributed import (describe, is_main, load_optimizer_across_layouts, load_weights_across_layouts, strategy,
                               trainer_arguments, use_local_gpu, written_with_fsdp)
@@ -28,7 +28,7 @@ from pigg.model import format_counts, load_model, parameter_counts, prepare_mode
 from pigg.processor import load_processor, save_processor
 from pigg.provenance import write_provenance
 from pigg.users import format_users
-from pigg.vision import batched_vision_attention
+from pigg.vision import batched_vision_attention, deepstack_without_waits, vision_without_autocast
 
 
 def device() -> str:
@@ -94,7 +94,7 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
         args=training_arguments(cfg, out, plan, model),
         train_dataset=samples,
         data_collator=TrainCollator(processor, cfg.data.max_length, cfg.train.padding_mask, cfg.train.pad_to_multiple,
-                                    pixel_dtype=visual.dtype),
+                                    pixel_dtype=visual.dtype, supervised_index=cfg.train.logits_on_labels_only),
         callbacks=[*([TensorBoardCallback(tb_writer=tensorboard_writer(out))] if is_main() else []), *callbacks],
     )
     print_processes(trainer, cfg.train, model)
@@ -102,6 +102,8 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
           fused_adapters(model, fuse_adapters(cfg.train)),
           adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32),
           batched_vision_attention(visual, cfg.train.batched_vision_attention),
+          vision_without_autocast(visual, cfg.train.vision_without_autocast),
+          deepstack_without_waits(),
           cudnn_attention(cfg.train.cudnn_attention)):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer, plan
@@ -379,23 +381,43 @@ def supervised_loss(model, inputs: dict, samples_in_step=None, labels_only: bool
 
     That is what the stock Trainer computes for Qwen3-VL at micro-batch 1 (the model's own token-mean
     loss, divided by the accumulation steps); a plain token-mean over a larger micro-batch would weight
-    long answers more. With `labels_only` the lm_head runs on the ~30 supervised positions of a sample
-    instead of all ~1,100; the value is the same.
+    long answers more. With `labels_only` the lm_head runs on the ~30 supervised positions of each
+    sample instead of all ~1,100 (where the collator found them, if it did: `supervised_index`); the
+    value is the same.
     """
     labels = inputs["labels"]
-    targets = labels[:, 1:]
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "supervised_index")}
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
     if labels_only:
-        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # union over the micro-batch's rows
-        outputs = model(**model_inputs, logits_to_keep=keep, use_cache=False)
-        logits, targets = outputs.logits, targets[:, keep]
+        index = inputs.get("supervised_index")
+        if index is None:
+            index = supervised_index(labels)
+        with logits_at(model, index):
+            outputs = model(**model_inputs, use_cache=False)
+        token_loss = torch.nn.functional.cross_entropy(outputs.logits.float(), labels.reshape(-1)[index + 1],
+                                                       reduction="none")
+        per_token = token_loss / counts[index // labels.shape[1]]  # each token's share of its sample's mean
+        loss = per_token.sum()
     else:
         outputs = model(**model_inputs, use_cache=False)
-        logits = outputs.logits[:, :-1]
-    token_loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets,
-                                                   ignore_index=IGNORE_INDEX, reduction="none")
-    per_sample = token_loss.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp(min=1)
-    return per_sample.sum() / (samples_in_step if samples_in_step is not None else len(per_sample)), outputs
+        token_loss = torch.nn.functional.cross_entropy(outputs.logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                                                       ignore_index=IGNORE_INDEX, reduction="none")
+        loss = (token_loss.sum(1) / counts.clamp(min=1)).sum()
+    return loss / (samples_in_step if samples_in_step is not None else len(labels)), outputs
+
+
+@contextlib.contextmanager
+def logits_at(model, index: torch.Tensor):
+    """While in the block, the model's lm_head computes logits only for the hidden states at `index`,
+    in the rows and positions flattened: (tokens, vocabulary) instead of (rows, positions, vocabulary).
+    Per row, not at the union of the rows' positions: the answers end rows of different lengths, so
+    that union holds about 8 positions for each one a row needs at micro-batch 8."""
+    head = getattr(model, "module", model).get_output_embeddings()  # DDP's module, or the model
+    hook = head.register_forward_pre_hook(lambda module, args: (args[0].reshape(-1, args[0].shape[-1])[index],))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 class GlobalTrainer(Trainer):

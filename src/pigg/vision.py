@@ -1,10 +1,28 @@
-"""Qwen3-VL's vision attention with one SDPA call per layer for a micro-batch's same-sized images.
+"""Qwen3-VL's frozen vision tower, run with fewer kernels while training.
+
+`batched_vision_attention`: one SDPA call per layer for a micro-batch's same-sized images.
 
 With SDPA, transformers' vision attention reads the images' lengths back from the GPU in every one
 of the 27 layers (a wait for the GPU each time) and attends image by image: 216 calls a step for 8
 screenshots. `batched_vision_attention` reads the lengths once per forward, from `grid_thw` before
 the vision tower starts, and attends each run of same-sized images in one call, as a batch. Each
-image still attends only to itself: the same function, in fewer calls (tests/test_vision.py).
+image still attends only to itself: the same function, in fewer calls (tests/test_vision.py). With
+Liger's kernels its rotary embedding also skips four float32 copies a layer (`_rotary`). What the
+tower derives from the grid at each forward (position-embedding taps, rotary positions, segments:
+small kernels, several of which wait for the GPU to learn their output's size) is computed once per
+distinct grid and handed to it precomputed (`grid_tensors`).
+
+`deepstack_without_waits`: the language model adds the tower's intermediate features (DeepStack) to
+the hidden states of the image tokens in its first three layers by boolean-mask indexing, which finds
+the masked positions on the GPU and makes the CPU wait for them twice a layer. The same sum is taken
+here by scattering the features into zeros (no position list, no wait) and adding.
+
+`vision_without_autocast`: the tower runs in its own bf16 outside the Trainer's bf16 autocast. Under
+autocast each LayerNorm (two a block, 27 blocks on the 8B) copies its input to float32 and returns
+float32, which the next linear layer copies back to bf16: four copies of 30,912 x 1,152 values a block
+for 8 screenshots. Outside, the LayerNorm kernel computes in float32 on the bf16 input and rounds its
+result to bf16 itself: the values the linear layer got before, up to float32 rounding. Nothing else in
+the tower changes precision (its rotary embedding casts to float32 on its own).
 """
 import contextlib
 import functools
@@ -22,10 +40,17 @@ def batched_vision_attention(visual, on: bool):
         yield
         return
     segments = []  # the attention segments of the forward running now: one per image frame
+    derived = {}  # per grid, the tensors the tower derives from it
 
     def read_segments(module, args, kwargs):
         grid = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
-        segments[:] = [h * w for t, h, w in grid.tolist() for _ in range(t)]
+        rows = tuple(map(tuple, grid.tolist()))
+        segments[:] = [h * w for t, h, w in rows for _ in range(t)]
+        if (rows, grid.device) not in derived:
+            if len(derived) >= 64:
+                derived.clear()
+            derived[rows, grid.device] = grid_tensors(visual, grid)
+        return args, {**derived[rows, grid.device], **kwargs}
 
     hook = visual.register_forward_pre_hook(read_segments, with_kwargs=True)
     attentions = [block.attn for block in visual.blocks]
@@ -39,6 +64,20 @@ def batched_vision_attention(visual, on: bool):
             del attention.forward
 
 
+def grid_tensors(visual, grid: torch.Tensor) -> dict:
+    """What the tower computes from the images' grid at every forward (where each patch takes its
+    position embedding from, its rotary positions, the attention segments), as transformers' vision
+    helpers compute it, under the names they take it precomputed by (transformers.vision_utils)."""
+    from transformers import vision_utils
+
+    indices, weights = vision_utils.get_vision_interpolation_indices_and_weights(
+        grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+        align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.config.spatial_merge_size)
+    return {"interp_indices": indices, "interp_weights": weights,
+            "position_ids": vision_utils.get_vision_position_ids(grid, visual.spatial_merge_size),
+            "cu_seqlens": vision_utils.get_vision_cu_seqlens(grid)}
+
+
 def _forward(attention, segments: list, hidden_states, position_embeddings=None, **kwargs):
     """Qwen3VLVisionAttention.forward for SDPA, attending runs of equal segments in one call each
     (`kwargs`, the stock call's cu_seqlens and max_seqlen, are what `segments` replaces)."""
@@ -47,8 +86,7 @@ def _forward(attention, segments: list, hidden_states, position_embeddings=None,
         raise RuntimeError(f"vision attention: {length} patches, but grid_thw gave segments summing to {sum(segments)}")
     qkv = attention.qkv(hidden_states).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3)
     query, key, value = qkv.unbind(0)
-    # looked up at each call: Liger's patch of the rotary function where it is applied
-    query, key = modeling_qwen3_vl.apply_rotary_pos_emb_vision(query, key, *position_embeddings)
+    query, key = _rotary(query, key, *position_embeddings)
     outputs, start = [], 0
     for size, run in itertools.groupby(segments):
         count = len(list(run))
@@ -58,3 +96,63 @@ def _forward(attention, segments: list, hidden_states, position_embeddings=None,
         outputs.append(out.transpose(1, 2).reshape(end - start, -1))
         start = end
     return attention.proj(outputs[0] if len(outputs) == 1 else torch.cat(outputs))
+
+
+def _rotary(query, key, cos, sin):
+    """The vision tower's rotary embedding, float32 arithmetic with bf16 results. Where Liger's patch
+    is applied (looked up at each call), its kernel is given q and k as they are: it computes in the
+    dtype of cos and sin (float32) and rounds its results to q's. Its patch, like the stock function,
+    first copies q and k to float32 and its results back: four more copies of 30,912 x 1,152 values a
+    layer for 8 screenshots. Either way each result is the float32 value rounded once to bf16."""
+    from_liger = getattr(modeling_qwen3_vl.apply_rotary_pos_emb_vision, "__module__", "").startswith("liger_kernel")
+    if not from_liger or query.dtype == torch.float32:
+        return modeling_qwen3_vl.apply_rotary_pos_emb_vision(query, key, cos, sin)
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    # Liger's layout is (batch, heads, length, head_dim)
+    q, k = liger_rotary_pos_emb(query.unsqueeze(0).transpose(1, 2), key.unsqueeze(0).transpose(1, 2),
+                                cos.float(), sin.float())
+    return q.transpose(1, 2).squeeze(0), k.transpose(1, 2).squeeze(0)
+
+
+@contextlib.contextmanager
+def vision_without_autocast(visual, on: bool):
+    """While in the block, `visual` runs with autocast off where autocast's dtype is its own."""
+    if not on:
+        yield
+        return
+    stock = visual.forward
+
+    def forward(*args, **kwargs):
+        device = visual.patch_embed.proj.weight.device.type
+        if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != visual.dtype:
+            return stock(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return stock(*args, **kwargs)
+
+    visual.forward = forward
+    try:
+        yield
+    finally:
+        del visual.forward
+
+
+@contextlib.contextmanager
+def deepstack_without_waits():
+    """While in the block, Qwen3-VL's language models add the DeepStack features without waiting for
+    the GPU (a process-wide patch of their method, put back after)."""
+    owner = modeling_qwen3_vl.Qwen3VLTextModel
+    stock = owner._deepstack_process
+    owner._deepstack_process = _deepstack_process
+    try:
+        yield
+    finally:
+        owner._deepstack_process = stock
+
+
+def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
+    """Qwen3VLTextModel._deepstack_process: hidden_states plus visual_embeds at the masked positions."""
+    mask = visual_pos_masks.to(hidden_states.device)[..., None]
+    features = torch.zeros_like(hidden_states).masked_scatter_(
+        mask, visual_embeds.to(hidden_states.device, hidden_states.dtype))
+    return hidden_states + features

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-25 and 27- on an H200, 26 not run): bash bench/session_1gpu.sh 1..29. Each variant runs in a
+# on H100s, 6-25 and 27- on an H200, 26 not run): bash bench/session_1gpu.sh 1..30. Each variant runs in a
 # process of its own (Liger's patches and compiled graphs stay in a process) and writes
 # $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
@@ -108,5 +108,11 @@ case "${1:-1}" in
         | grep -E "^E |passed|failed|waits for the GPU at"
       variant pigg_default_lora_80gb 110 _grid_cache
       variant pigg_default_full_80gb 260 _row_logits
+      timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
+  30) # the images' grid on the CPU, batches copied without waiting, the patch embedding as a matmul
+      timeout 120 python3 -m pytest -q -s -m gpu tests/test_gpu.py -k "vision or waits or tiny_lora" 2>&1 \
+        | grep -E "^E |passed|failed|waits for the GPU at"
+      variant pigg_default_lora_80gb 110 _grid_on_cpu
+      variant pigg_default_lora 130 _grid_on_cpu
       timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
 esac

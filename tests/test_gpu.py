@@ -136,11 +136,12 @@ def test_vision_rotary_with_liger_skips_float32_copies_on_gpu(monkeypatch):
         assert (a == b).float().mean() > 0.99
 
 
-def test_a_training_step_waits_for_the_gpu_only_inside_the_model_on_gpu(tiny_dir, synth_root, tmp_path):
-    """Between two optimizer steps the CPU never waits for the GPU: not for the sample count, the copy of
-    the batch or a NaN test of the loss (synchronising calls of step 3, recorded by CUDA's sync debug
-    mode, come from the model's forward only: the supervised positions come from the DataLoader), so it
-    prepares the next step while the GPU runs the last."""
+def test_a_training_step_waits_for_the_gpu_only_to_log_and_save_on_gpu(tiny_dir, synth_root, tmp_path):
+    """The CPU never waits for the GPU in a training step: not for the sample count, the copy of the
+    batch, a NaN test of the loss, the images' grid or the supervised positions (synchronising calls
+    around step 3, recorded by CUDA's sync debug mode, come from none of pigg, the Trainer, accelerate
+    or the model, only from logging and saving a checkpoint: torch and safetensors on an H200 with
+    transformers 5.17), so the CPU prepares the next step while the GPU runs the last."""
     import warnings
 
     from transformers import TrainerCallback
@@ -156,9 +157,9 @@ def test_a_training_step_waits_for_the_gpu_only_inside_the_model_on_gpu(tiny_dir
         train(tiny_run_config(tiny_dir, synth_root, tmp_path, dataloader_workers=2, logging_steps=10),
               callbacks=[Watch()])
     syncs = {(w.filename, w.lineno) for w in caught if "synchronizing" in str(w.message)}
-    assert syncs  # the mode was on: the forward's own syncs are seen
+    assert syncs  # the mode was on: logging's and saving's are seen
     for filename, lineno in sorted(syncs):
         print(f"waits for the GPU at {filename}:{lineno}")  # shown with pytest -s
     for filename, lineno in syncs:
-        assert not filename.endswith(("transformers/trainer.py", "accelerate/accelerator.py", "pigg/train.py")), \
-            (filename, lineno)
+        assert "/pigg/" not in filename and "/accelerate/" not in filename, (filename, lineno)
+        assert not filename.endswith(("transformers/trainer.py", "modeling_qwen3_vl.py")), (filename, lineno)

@@ -234,6 +234,28 @@ def test_a_step_counts_its_samples_without_the_device(tiny_dir, tmp_path):
     # nor does the Trainer read each micro-batch's loss back to test it for NaN
     args = training_arguments(tiny_run_config(tiny_dir, tmp_path, tmp_path), tmp_path, BatchPlan(1, 8, 1, 0, 2, ""))
     assert not args.logging_nan_inf_filter
+    assert not args.accelerator_config.non_blocking  # on the CPU; pinned batches on a GPU copy without waiting
+
+
+def test_the_images_grid_reaches_the_model_on_the_cpu(tiny_dir, processor, synth_root, tmp_path):
+    """With `grid_on_cpu` the collator gives the grid as numbers too (without a padding mask only), which
+    the DataLoader and accelerate leave alone, and GlobalTrainer hands it to the model as a CPU tensor."""
+    from transformers import TrainingArguments
+
+    from pigg.collate import TrainCollator
+    from pigg.data import load_samples
+    from pigg.train import GlobalTrainer
+
+    samples, _ = load_samples(C.DataConfig(data_root=str(synth_root), users="1", validation_workers=1))
+    batch = TrainCollator(processor, 4096, padding_mask=False, grid_on_cpu=True)(samples[:3])
+    assert batch["image_grid_rows"] == batch["image_grid_thw"].tolist()
+    assert "image_grid_rows" not in TrainCollator(processor, 4096, grid_on_cpu=True)(samples[:3])  # masked
+    trainer = GlobalTrainer(model=Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir),
+                            args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
+    grid = batch["image_grid_thw"]
+    inputs = trainer._prepare_inputs(batch)
+    assert "image_grid_rows" not in inputs and inputs["image_grid_thw"].device.type == "cpu"
+    assert torch.equal(inputs["image_grid_thw"], grid)
 
 
 def test_rope_positions_refuse_a_run_that_is_not_the_next_image():

@@ -71,6 +71,20 @@ def test_batched_vision_attention_derives_from_each_grid_once(tiny_dir, processo
         torch.testing.assert_close(batched, stock, rtol=1e-5, atol=1e-6)
 
 
+def test_linear_patch_embedding_is_the_convolution(tiny_dir):
+    from pigg.vision import linear_patch_embedding
+
+    visual = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir).model.visual
+    embed = visual.patch_embed
+    pixels = torch.randn(40, embed.proj.weight[0].numel(), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = embed(pixels)
+        with linear_patch_embedding(visual):
+            linear = embed(pixels)
+    assert "forward" not in vars(embed)
+    torch.testing.assert_close(linear, stock, rtol=1e-5, atol=1e-5)
+
+
 def test_batched_vision_attention_checks_the_patch_count(tiny_dir):
     visual = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir).model.visual
     with batched_vision_attention(visual, True), torch.no_grad(), pytest.raises(RuntimeError, match="segments"):

@@ -76,12 +76,16 @@ class TrainCollator:
     `supervised_index` the batch also carries where the supervised tokens' logits are computed
     (`supervised_index`; `pigg.train.supervised_loss` computes logits there only), found here rather
     than on the GPU, where finding them makes the CPU wait for the GPU at the start of every forward.
+    With `grid_on_cpu` (and no padding mask: the model then needs the grid for nothing but the vision
+    tower, `pigg.vision.batched_vision_attention`), the images' grid also comes as numbers, which the
+    DataLoader and accelerate leave on the CPU (`pigg.train.GlobalTrainer`).
     """
 
     def __init__(self, processor, max_length: int, padding_mask: bool = True, pad_to_multiple: int = 1,
-                 pixel_dtype: torch.dtype | None = None, supervised_index: bool = False):
+                 pixel_dtype: torch.dtype | None = None, supervised_index: bool = False, grid_on_cpu: bool = False):
         self.processor = processor
         self.supervised_index = supervised_index
+        self.grid_on_cpu = grid_on_cpu
         self.max_length = max_length
         self.padding_mask = padding_mask
         self.pad_to_multiple = pad_to_multiple
@@ -108,6 +112,8 @@ class TrainCollator:
             batch["supervised_index"] = supervised_index(labels)
         if self.pixel_dtype is not None and "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
+        if self.grid_on_cpu and not self.padding_mask and "image_grid_thw" in batch:
+            batch["image_grid_rows"] = batch["image_grid_thw"].tolist()  # numbers stay on the CPU
         if not self.padding_mask:
             merge = self.processor.image_processor.merge_size
             batch["position_ids"] = rope_positions(

@@ -16,7 +16,7 @@ in two passes of their own.
 Each mask is drawn by the same dropout from the same generator in the same order as PEFT's, so the
 values are PEFT's up to the order of float rounding (tests/test_lora.py). On the 8B in an H100's
 memory that leaves micro-batch 8 without recomputation: 9.35-10.00 samples/s on an H200 capped there,
-against 8.85 with PEFT's adapters and 11 layers recomputed (README, Measured). An input that PEFT
+against 8.85 with PEFT's adapters and 11 layers recomputed (README, sixth run). An input that PEFT
 would first cast to the adapters' float32 (the seed's `train.lora_input_fp32`) goes to PEFT's forward,
 as does a layer whose base weights are trained.
 """

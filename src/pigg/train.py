@@ -28,7 +28,8 @@ from pigg.model import format_counts, load_model, parameter_counts, prepare_mode
 from pigg.processor import load_processor, save_processor
 from pigg.provenance import write_provenance
 from pigg.users import format_users
-from pigg.vision import batched_vision_attention, deepstack_without_waits, vision_without_autocast
+from pigg.vision import (batched_vision_attention, batches_attention, deepstack_without_waits, linear_patch_embedding,
+                         vision_without_autocast)
 
 
 def device() -> str:
@@ -94,7 +95,8 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
         args=training_arguments(cfg, out, plan, model),
         train_dataset=samples,
         data_collator=TrainCollator(processor, cfg.data.max_length, cfg.train.padding_mask, cfg.train.pad_to_multiple,
-                                    pixel_dtype=visual.dtype, supervised_index=cfg.train.logits_on_labels_only),
+                                    pixel_dtype=visual.dtype, supervised_index=cfg.train.logits_on_labels_only,
+                                    grid_on_cpu=batches_attention(visual, cfg.train.batched_vision_attention)),
         callbacks=[*([TensorBoardCallback(tb_writer=tensorboard_writer(out))] if is_main() else []), *callbacks],
     )
     print_processes(trainer, cfg.train, model)
@@ -103,6 +105,7 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
           adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32),
           batched_vision_attention(visual, cfg.train.batched_vision_attention),
           vision_without_autocast(visual, cfg.train.vision_without_autocast),
+          linear_patch_embedding(visual),
           deepstack_without_waits(),
           cudnn_attention(cfg.train.cudnn_attention)):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -340,6 +343,10 @@ def training_arguments(cfg, out: Path, plan: BatchPlan, model=None) -> TrainingA
     # per parameter with AdamW: 66 GB per GPU for the 8B on 2 GPUs); without it FSDP trains the bf16
     # weights as one GPU does, so 1 and N GPUs run the same recipe.
     bf16 = on_gpu and cfg.model.dtype in ("auto", "bfloat16") and how != "fsdp"
+    extra = trainer_arguments(how, model)  # DDP or FSDP with several processes
+    # accelerate copies each batch to the GPU; pinned (on a GPU), without waiting for the GPU to finish
+    # the step before: the CPU goes on to launch the next one
+    accelerator = {**extra.pop("accelerator_config", {}), "non_blocking": on_gpu}
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         learning_rate=t.learning_rate,
@@ -371,7 +378,8 @@ def training_arguments(cfg, out: Path, plan: BatchPlan, model=None) -> TrainingA
         remove_unused_columns=False,
         seed=t.seed,
         data_seed=t.seed,
-        **trainer_arguments(how, model),  # DDP or FSDP with several processes
+        accelerator_config=accelerator,
+        **extra,
     )
 
 
@@ -461,6 +469,15 @@ class GlobalTrainer(Trainer):
         if isinstance(data, torch.Tensor) and data.is_pinned() and not self.is_deepspeed_enabled:
             return data.to(self.args.device, non_blocking=True)
         return super()._prepare_input(data)
+
+    def _prepare_inputs(self, inputs):
+        """The stock move to the device; the images' grid as a CPU tensor where the collator gave it as
+        numbers too (`TrainCollator`'s `grid_on_cpu`): the vision tower and the model read it as Python
+        numbers, from a GPU tensor each a wait for the GPU at the start of every forward."""
+        inputs = super()._prepare_inputs(inputs)
+        if "image_grid_rows" in inputs:
+            inputs["image_grid_thw"] = torch.tensor(inputs.pop("image_grid_rows"), dtype=torch.long)
+        return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Accumulate on the device: no host sync per micro-batch.

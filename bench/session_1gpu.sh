@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-25 and 27- on an H200, 26 not run): bash bench/session_1gpu.sh 1..30. Each variant runs in a
+# on H100s, 6-25 and 27-30 on an H200, 26 not run): bash bench/session_1gpu.sh 1..30. Each variant runs in a
 # process of its own (Liger's patches and compiled graphs stay in a process) and writes
 # $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u

@@ -37,7 +37,7 @@ from pigg.train import train
 SEED_RECIPE = dict(batch_size=1, grad_accum=8, gradient_checkpointing=True, logits_on_labels_only=False,
                    dataloader_workers=0, liger_kernel=False, optimizer="adamw_torch", torch_compile=False,
                    lora_input_fp32=True, fused_lora=False, padding_mask=True,
-                   pad_to_multiple=1, batched_vision_attention=False)
+                   pad_to_multiple=1, batched_vision_attention=False, vision_without_autocast=False)
 PIGG_DEFAULT = {}  # nothing given: batch plan from memory, labels-only logits, 8 workers, Liger, fused AdamW
 LEVERS = {  # one change to the seed recipe each
     "micro_batch_from_memory": dict(batch_size=None, grad_accum=None, gradient_checkpointing=None),
@@ -109,7 +109,8 @@ class StepTimer(TrainerCallback):
     that synchronised would hold the CPU back from preparing the next step while the GPU works, as
     training does not. Also notes the CPU time of the training thread (the forward, the optimizer,
     the Trainer) and of the whole process (with autograd's thread, which runs the backward): a step
-    whose CPU time nears its length is bound by launching its kernels, not by the GPU."""
+    whose CPU time nears its length may be bound by launching its kernels rather than by the GPU (an
+    upper bound: a thread waiting inside CUDA may spin)."""
     def __init__(self):
         self.events, self.cpu = [], []
 
@@ -233,7 +234,7 @@ def input_pipeline(model_dir, data_dir) -> dict:
     samples, _ = load_samples(C.DataConfig(data_root=str(data_dir), users="1-8"))
     t = C.TrainConfig()
     collate = TrainCollator(load_processor(str(model_dir)), 8192, t.padding_mask, t.pad_to_multiple, torch.bfloat16,
-                            supervised_index=t.logits_on_labels_only)
+                            supervised_index=t.logits_on_labels_only, grid_on_cpu=t.batched_vision_attention)
     rates = {}
     for workers in WORKERS:
         # The workers fill 4 batches each ahead while the first one starts: the clock starts once those

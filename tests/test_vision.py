@@ -1,4 +1,4 @@
-"""pigg.vision: the vision tower's attention in one SDPA call per run of same-sized images."""
+"""pigg.vision: the frozen vision tower with fewer kernels and no waits for the GPU, and DeepStack without waits."""
 import contextlib
 
 import numpy as np

@@ -462,14 +462,6 @@ class GlobalTrainer(Trainer):
             return batches, self.accelerator.gather(torch.tensor(samples, device=device)).sum()
         return batches, samples
 
-    def _prepare_input(self, data):
-        """The stock move to the device, without waiting for it where the DataLoader pinned the batch:
-        the stock copy makes the CPU wait until the GPU has finished the previous step, and the GPU
-        then idles while the CPU starts the next (bench/profile_train_step.py)."""
-        if isinstance(data, torch.Tensor) and data.is_pinned() and not self.is_deepspeed_enabled:
-            return data.to(self.args.device, non_blocking=True)
-        return super()._prepare_input(data)
-
     def _prepare_inputs(self, inputs):
         """The stock move to the device; the images' grid as a CPU tensor where the collator gave it as
         numbers too (`TrainCollator`'s `grid_on_cpu`): the vision tower and the model read it as Python

@@ -131,10 +131,9 @@ def vision_without_autocast(visual, on: bool):
     if not on:
         yield
         return
-    stock = visual.forward
+    stock, device = visual.forward, visual.patch_embed.proj.weight.device.type
 
     def forward(*args, **kwargs):
-        device = visual.patch_embed.proj.weight.device.type
         if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != visual.dtype:
             return stock(*args, **kwargs)
         with torch.autocast(device, enabled=False):

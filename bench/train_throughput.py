@@ -83,6 +83,8 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
                                                    12),
     # the vision tower under the Trainer's autocast, as the seed runs it (float32 LayerNorms)
     "pigg_default_lora_80gb_vision_autocast": ("lora", {"gpu_memory_gib": 79.2, "vision_without_autocast": False}, 12),
+    # the adapters' dropout by torch's kernel, drawn again in the backward (pigg.lora without lora_kernels)
+    "pigg_default_lora_80gb_torch_dropout": ("lora", {"gpu_memory_gib": 79.2, "lora_kernels": False}, 12),
 }
 # Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
 # it where installed: give each variant a process of its own (`... train_throughput.py NAME --json F`)
@@ -95,6 +97,7 @@ ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lev
          "pigg_default_lora_mb8_checkpointing", "pigg_default_lora_80gb", "pigg_default_lora_peft",
          "pigg_default_lora_80gb_peft", "pigg_default_lora_80gb_padding_mask",
          "pigg_default_lora_80gb_per_image_attention", "pigg_default_lora_80gb_vision_autocast",
+         "pigg_default_lora_80gb_torch_dropout",
          "pigg_default_full_80gb",
          "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
          "trl_sft_best"]

@@ -1,8 +1,12 @@
+import importlib.util
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if importlib.util.find_spec("triton") and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's kernels run on numpy (tests/test_lora_kernels.py)
 
 
 @pytest.fixture(scope="session")

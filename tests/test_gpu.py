@@ -95,6 +95,20 @@ def test_fused_adapters_stay_within_bf16_rounding_on_gpu(tiny_dir):
         assert relative_error(fused_grads, grads, name) < 0.1, name
 
 
+def test_fused_adapters_with_kernels_stay_within_bf16_rounding_on_gpu(tiny_dir):
+    """pigg.lora_kernels in the tiny model: without dropout, as close to float32 as PEFT's adapters;
+    with it, their own masks: the loss stays within a few % of PEFT's (B is small), A's gradients do not
+    (other masks)."""
+    from pigg import lora_kernels
+
+    assert lora_kernels.triton is not None
+    assert_as_close_to_float32_as_peft(bf16_runs(tiny_dir, "cuda", 0.0, kernels=True))
+    runs = bf16_runs(tiny_dir, "cuda", 0.1, kernels=True)
+    assert runs["fused"][0] == pytest.approx(runs["peft"][0], rel=2e-2)
+    name = next(n for n in runs["peft"][2] if "lora_A" in n)
+    assert relative_error(runs["fused"][2], runs["peft"][2], name) > 0.1
+
+
 def test_batched_vision_attention_within_bf16_rounding_on_gpu(tiny_dir, processor, monkeypatch):
     """pigg.vision's batched calls on CUDA's kernels: the stock features within bf16 rounding."""
     from test_vision import stock_and_batched

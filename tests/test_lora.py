@@ -96,7 +96,7 @@ def test_peft_forward_outside_the_block_and_for_disabled_adapters(lora_model):
 
 
 
-def bf16_runs(tiny_dir, device: str, dropout: float) -> dict:
+def bf16_runs(tiny_dir, device: str, dropout: float, kernels: bool = False) -> dict:
     """Loss, generator state and gradients of one step as pigg trains (bf16 weights under bf16 autocast,
     float32 adapters, bf16 adapter inputs) with PEFT's and the fused adapters, and of the same model in
     float32 (PEFT's), all from the same weights and seed."""
@@ -117,7 +117,7 @@ def bf16_runs(tiny_dir, device: str, dropout: float) -> dict:
     def step(model, fused, autocast):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(0)
-        with (fused_adapters(model, fused), disable_input_dtype_casting(model),
+        with (fused_adapters(model, fused, kernels), disable_input_dtype_casting(model),
               torch.autocast(device, dtype=torch.bfloat16, enabled=autocast)):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()

@@ -16,9 +16,11 @@ in two passes of their own.
 Each mask is drawn by the same dropout from the same generator in the same order as PEFT's, so the
 values are PEFT's up to the order of float rounding (tests/test_lora.py). On the 8B in an H100's
 memory that leaves micro-batch 8 without recomputation: 9.35-10.00 samples/s on an H200 capped there,
-against 8.85 with PEFT's adapters and 11 layers recomputed (README, sixth run). An input that PEFT
-would first cast to the adapters' float32 (the seed's `train.lora_input_fp32`) goes to PEFT's forward,
-as does a layer whose base weights are trained.
+against 8.85 with PEFT's adapters and 11 layers recomputed (README, sixth run). With `kernels` on a
+GPU the dropout and A run in `pigg.lora_kernels` instead, which draw masks of the same keep
+probability from the same generator, not the same masks (README, tenth run: 12.46 to 13.21 samples/s
+on an H200). An input that PEFT would first cast to the adapters' float32 (the seed's
+`train.lora_input_fp32`) goes to PEFT's forward, as does a layer whose base weights are trained.
 """
 import contextlib
 import functools
@@ -28,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pigg import lora_kernels
+
 
 class AdaptedLinear(torch.autograd.Function):
     """base(x) + scale * B(A(dropout(x, p))) for rows x, as one node of the autograd graph.
@@ -36,14 +40,23 @@ class AdaptedLinear(torch.autograd.Function):
     the backward puts the generator back where the forward found it, draws the same mask again, and
     adds the adapter's input gradient into the base layer's in place. B, the scale and the sum are one
     addmm_ forward.
+    With `kernels` (and an input they take) dropout and A run in pigg.lora_kernels, which keep the
+    mask's seed and counter for the backward instead of the generator's state.
     The base layer is frozen: its weight and bias get no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, p, scale):
-        generator = _generator(x.device) if p > 0 else None
+    def forward(ctx, x, weight, bias, a, b, p, scale, kernels=False):
+        ctx.kernels = kernels and lora_kernels.available(x)
+        generator = _generator(x.device) if p > 0 and not ctx.kernels else None
         state = _state(generator) if generator is not None else None
-        a_, b_ = a.to(x.dtype), b.to(x.dtype)
-        hidden = F.linear(F.dropout(x, p, training=True) if generator is not None else x, a_)
+        b_ = b.to(x.dtype)
+        if ctx.kernels:  # the mask drawn inside the kernels, A cast there
+            ctx.draw = lora_kernels.draw(x) if p > 0 else (0, 0)
+            a_ = a
+            hidden = lora_kernels.dropout_a(x, a, p, *ctx.draw)
+        else:
+            a_ = a.to(x.dtype)
+            hidden = F.linear(F.dropout(x, p, training=True) if generator is not None else x, a_)
         result = F.linear(x, weight, bias)
         result.addmm_(hidden, b_.t(), alpha=scale)
         ctx.p, ctx.scale, ctx.generator, ctx.state = p, scale, generator, state
@@ -58,6 +71,13 @@ class AdaptedLinear(torch.autograd.Function):
         grad_hidden = torch.mm(grad, b_)  # without the scale, which each use below applies in a kernel it runs
         if ctx.needs_input_grad[4]:
             grad_b = _scaled(torch.mm(grad.t(), hidden), scale, ctx.dtypes[1])
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad, weight)
+        if ctx.kernels:
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:  # A's gradient, and x's added into grad_x
+                grad_a = lora_kernels.dropout_a_backward(x, grad_hidden, a_, ctx.p, scale, *ctx.draw, grad_x=grad_x)
+                grad_a = grad_a.to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
+            return grad_x, None, None, grad_a, grad_b, None, None, None
         dropped = mask = None
         if ctx.generator is not None:
             now = _state(ctx.generator)
@@ -67,13 +87,12 @@ class AdaptedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_a = _scaled(torch.mm(grad_hidden.t(), x if dropped is None else dropped), scale, ctx.dtypes[0])
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad, weight)
             if mask is None:
                 grad_x.addmm_(grad_hidden, a_, alpha=scale)
             else:  # dropout's own backward (addcmul_ with the bool mask takes CUDA's slow mixed-dtype path)
                 kept = 0.0 if ctx.p == 1 else scale / (1.0 - ctx.p)
                 grad_x.add_(torch.ops.aten.native_dropout_backward(torch.mm(grad_hidden, a_), mask, kept))
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -116,6 +135,7 @@ class Adapter:
     b: nn.Linear
     dropout: float
     scale: float
+    kernels: bool  # pigg.lora_kernels where they can take the input
 
 
 def fused_forward(layer, adapter: Adapter, x, *args, **kwargs):
@@ -129,7 +149,7 @@ def fused_forward(layer, adapter: Adapter, x, *args, **kwargs):
         return type(layer).forward(layer, x, *args, **kwargs)
     p = adapter.dropout if layer.training else 0.0
     result = AdaptedLinear.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, adapter.a.weight,
-                                 adapter.b.weight, p, adapter.scale)
+                                 adapter.b.weight, p, adapter.scale, adapter.kernels)
     return result.view(*x.shape[:-1], result.shape[-1])
 
 
@@ -142,7 +162,7 @@ def _in_compute_dtype(layer, adapter: Adapter, x) -> bool:
     return x.dtype == compute == adapter.base.weight.dtype and not casts_input
 
 
-def fusable_adapter(layer) -> Adapter | None:
+def fusable_adapter(layer, kernels: bool = False) -> Adapter | None:
     """Plain LoRA on an nn.Linear: one adapter without biases or variant (DoRA, ...)."""
     if len(layer.lora_A) != 1 or getattr(layer, "lora_variant", None) or type(layer.base_layer) is not nn.Linear:
         return None
@@ -151,7 +171,7 @@ def fusable_adapter(layer) -> Adapter | None:
     if a.bias is not None or b.bias is not None:
         return None
     return Adapter(name, layer.base_layer, a, b, dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-                   layer.scaling[name])
+                   layer.scaling[name], kernels)
 
 
 def adapted_layers(model) -> list:
@@ -161,16 +181,18 @@ def adapted_layers(model) -> list:
 
 
 @contextlib.contextmanager
-def fused_adapters(model, on: bool):
-    """While in the block, the model's LoRA linear layers run `fused_forward`; PEFT's after."""
+def fused_adapters(model, on: bool, kernels: bool = False):
+    """While in the block, the model's LoRA linear layers run `fused_forward`, with `pigg.lora_kernels`
+    where asked and they can take the input; PEFT's forward after."""
     layers = []
     for layer in adapted_layers(model) if on else []:
-        adapter = fusable_adapter(layer)
+        adapter = fusable_adapter(layer, kernels)
         if adapter is not None:
             layer.forward = functools.partial(fused_forward, layer, adapter)
             layers.append(layer)
     if layers:
-        print(f"fused LoRA: {len(layers)} adapted layers (dropout masks drawn again in the backward)")
+        how = "in Triton kernels on a GPU, else " if kernels and lora_kernels.triton is not None else ""
+        print(f"fused LoRA: {len(layers)} adapted layers (dropout masks drawn {how}again in the backward)")
     try:
         yield
     finally:

@@ -101,7 +101,7 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
     )
     print_processes(trainer, cfg.train, model)
     with (liger_kernels(model, use_liger(cfg.train.liger_kernel, cfg.train.torch_compile)),
-          fused_adapters(model, fuse_adapters(cfg.train)),
+          fused_adapters(model, fuse_adapters(cfg.train), cfg.train.lora_kernels),
           adapter_input_casts(model, trainer.args, cfg.train.lora_input_fp32),
           batched_vision_attention(visual, cfg.train.batched_vision_attention),
           vision_without_autocast(visual, cfg.train.vision_without_autocast),

@@ -1,0 +1,170 @@
+"""pigg.lora_kernels: the mask they draw, and the adapter's function and gradients with it. On the CPU
+the kernels run in Triton's interpreter; on a GPU (`pytest -m gpu`) as compiled."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pigg import lora_kernels
+from pigg.lora import AdaptedLinear
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.fixture()
+def device():
+    """The device the kernels run on here: the CPU through Triton's interpreter (set by conftest)."""
+    if torch.cuda.is_available():
+        pytest.skip("compiled kernels are tested on the GPU (test_*_on_gpu)")
+    return "cpu"
+
+
+def kept(n, k, p, seed, offset, device="cpu", **blocks) -> torch.Tensor:
+    """The mask as the backward applies it: the gradient for x of dropout(x) @ A^T with A and the
+    gradient of the output all ones, scaled by 1 - p, is 1 where an element is kept and 0 elsewhere."""
+    ones = torch.ones(n, k, device=device)
+    grad_x = torch.zeros(n, k, device=device)
+    lora_kernels.dropout_a_backward(ones, torch.ones(n, 1, device=device), torch.ones(1, k, device=device), p,
+                                    1 - p, seed, offset, grad_x=grad_x, **blocks)
+    return grad_x
+
+
+def test_the_mask_keeps_1_minus_p_and_depends_on_seed_offset_and_element_only(device):
+    n, k, p = 192, 256, 0.1
+    mask = kept(n, k, p, 7, 64)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert abs(mask.mean().item() - (1 - p)) < 0.006  # 49,152 draws: the standard deviation is 0.0014
+    # neighbours (in a row, in a column) are dropped independently: both about p * p of the time
+    for first, second in ((mask[:, 0::4], mask[:, 1::4]), (mask[0::4], mask[1::4])):
+        assert abs(((first == 0) & (second == 0)).float().mean().item() - p * p) < 0.005
+    # the tiles the kernels read do not matter: forward's tiles equal the backward's
+    assert torch.equal(mask, kept(n, k, p, 7, 64, block_n=16, block_k=32, splits=3))
+    ones = torch.ones(n, k)
+    forward = lora_kernels.dropout_a(ones, torch.eye(k)[:32], p, 7, 64, block_n=64, block_k=64) * (1 - p)
+    assert torch.equal(forward, mask[:, :32])
+    # another counter or seed, another mask; the counters of x's elements follow each other, each one
+    # giving 8 elements (the offset counts 4 a counter, as torch's does)
+    assert not torch.equal(mask, kept(n, k, p, 7, 64 + n * k))
+    assert not torch.equal(mask, kept(n, k, p, 8, 64))
+    assert torch.equal(kept(n // 2, k, p, 7, 64 + 4 * lora_kernels.counters(n // 2, k)), mask[n // 2:])
+    assert kept(n, k, 0.0, 7, 64).eq(1).all()
+
+
+def reference(x, weight, bias, a, b, p, scale, mask):
+    """PEFT's adapter with a given mask, in float32: base(x) + scale * B(A(x * mask / (1 - p)))."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x * mask / (1 - p), a), b)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_adapted_linear_with_kernels_gives_the_adapter_with_their_mask(device, monkeypatch, p):
+    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    torch.manual_seed(0)
+    n, k, out, r, scale = 46, 64, 40, 8, 4.0  # rows not a multiple of the kernels' tiles
+    x = torch.randn(n, k, requires_grad=True)
+    weight, bias = torch.randn(out, k) / 8, torch.randn(out)
+    a, b = (torch.randn(r, k) / 8).requires_grad_(), (torch.randn(out, r) / 8).requires_grad_()
+    before = torch.get_rng_state()
+    y = AdaptedLinear.apply(x, weight, bias, a, b, p, scale, True)
+    after = torch.get_rng_state()
+    torch.set_rng_state(before)
+    seed, offset = lora_kernels.draw(x) if p > 0 else (0, 0)  # what the forward drew from this state
+    assert torch.equal(torch.get_rng_state(), after)  # and moved the generator on as far (p = 0: not at all)
+    mask = kept(n, k, p, seed, offset)
+    grad = torch.randn(n, out)
+    y.backward(grad)
+    x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    expected = reference(x2, weight, bias, a2, b2, p, scale, mask)
+    expected.backward(grad)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    for got, want in ((x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_recomputed_forward_draws_the_same_mask(device, monkeypatch):
+    """Activation checkpointing restores the generator before the recomputation, so the recomputed
+    forward and the backward use the forward's mask: the gradients equal those without recomputation."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    torch.manual_seed(0)
+    x, weight = torch.randn(32, 64), torch.randn(16, 64)
+    a, b = torch.randn(8, 64).requires_grad_(), torch.randn(16, 8).requires_grad_()
+
+    def run(recompute):
+        torch.manual_seed(3)
+        x_ = x.clone().requires_grad_()
+        f = lambda t: AdaptedLinear.apply(t, weight, None, a, b, 0.5, 2.0, True).square().sum()  # noqa: E731
+        (checkpoint(f, x_, use_reentrant=False) if recompute else f(x_)).backward()
+        grads = x_.grad, a.grad.clone(), b.grad.clone()
+        a.grad = b.grad = None
+        return grads
+
+    for got, want in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_the_tiny_model_with_kernels_gives_pefts_loss_and_gradients_without_dropout(device, monkeypatch, tiny_dir):
+    """Through `fused_adapters(..., kernels=True)` every adapted layer of the tiny model runs the kernels
+    forward and backward; without dropout (no masks to differ) the loss and gradients are PEFT's."""
+    from pigg.config import LoraSettings, ModelConfig
+    from pigg.lora import adapted_layers, fused_adapters
+    from pigg.model import load_model, prepare_model
+
+    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    model = prepare_model(load_model(ModelConfig(name_or_path=str(tiny_dir)), "cpu"), "lora", LoraSettings(dropout=0.0))
+    torch.manual_seed(1)
+    for layer in adapted_layers(model):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    calls = []
+    for name in ("dropout_a", "dropout_a_backward"):
+        original = getattr(lora_kernels, name)
+        monkeypatch.setattr(lora_kernels, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+
+    def step(fused, kernels):
+        model.zero_grad(set_to_none=True)
+        with fused_adapters(model.train(), fused, kernels):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    peft_loss, peft_grads = step(False, False)
+    loss, grads = step(True, True)
+    layers = len(adapted_layers(model))
+    assert calls.count("dropout_a") == layers and calls.count("dropout_a_backward") == layers
+    torch.testing.assert_close(loss, peft_loss)
+    assert grads.keys() == peft_grads.keys() and any("lora_A" in n for n in grads)
+    for name, grad in peft_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+def test_inputs_the_kernels_cannot_take_are_named():
+    assert not lora_kernels.available(torch.ones(4, 12))  # a width not divisible by 8, or on the CPU
+    assert not lora_kernels.available(torch.ones(8, 8).t()[:, :4])
+    with pytest.raises(ValueError, match=r"A \(8, 12\)"):
+        lora_kernels.dropout_a(torch.ones(4, 16), torch.ones(8, 12), 0.1, 0, 0)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        lora_kernels.dropout_a(torch.ones(4, 20), torch.ones(8, 20), 0.1, 0, 0)
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_give_the_adapter_with_their_mask_on_gpu():
+    """On the 8B's q_proj shape in bf16: the mask keeps 1 - p, and the hidden columns and gradients are
+    the float32 adapter's with that mask within bf16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(0)
+    n, k, r, p, scale = 8576, 4096, 8, 0.1, 4.0
+    x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(r, k, device="cuda") / 64
+    seed, offset = lora_kernels.draw(x)
+    mask = kept(n, k, p, seed, offset, device="cuda")
+    assert abs(mask.mean().item() - (1 - p)) < 1e-3 and set(mask.unique().tolist()) == {0.0, 1.0}
+    dropped = x.float() * mask / (1 - p)
+    hidden = lora_kernels.dropout_a(x, a, p, seed, offset)
+    torch.testing.assert_close(hidden.float(), dropped @ a.bfloat16().float().t(), rtol=1.6e-2, atol=1e-2)
+    grad_hidden = torch.randn(n, r, device="cuda", dtype=torch.bfloat16)
+    grad_x = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    expected_x = grad_x.float() + scale * (grad_hidden.float() @ a.bfloat16().float()) * mask / (1 - p)
+    grad_a = lora_kernels.dropout_a_backward(x, grad_hidden, a, p, scale, seed, offset, grad_x=grad_x)
+    expected_a = scale * grad_hidden.float().t() @ dropped
+    assert ((grad_a - expected_a).norm() / expected_a.norm()).item() < 1e-3
+    torch.testing.assert_close(grad_x.float(), expected_x, rtol=1.6e-2, atol=1e-2)

@@ -168,3 +168,28 @@ def test_compiled_kernels_give_the_adapter_with_their_mask_on_gpu():
     expected_a = scale * grad_hidden.float().t() @ dropped
     assert ((grad_a - expected_a).norm() / expected_a.norm()).item() < 1e-3
     torch.testing.assert_close(grad_x.float(), expected_x, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.slow
+def test_training_with_kernels_follows_torchs_dropout(device, monkeypatch, tiny_dir, synth_root, tmp_path):
+    """train() with `train.lora_kernels` (interpreted here): without dropout the loss curve of torch's
+    path; with the seed's dropout the same first loss (B starts at zero, so no mask shows in it) and a
+    curve that other masks move only a little."""
+    from conftest import losses, tiny_run_config
+    from pigg.train import train
+
+    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    calls = []
+    original = lora_kernels.dropout_a
+    monkeypatch.setattr(lora_kernels, "dropout_a", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    curves = {}
+    for dropout in (0.0, 0.1):
+        for kernels in (False, True):
+            cfg = tiny_run_config(tiny_dir, synth_root, tmp_path / f"{dropout}_{kernels}", lora_kernels=kernels)
+            cfg.lora.dropout = dropout
+            curves[dropout, kernels] = losses(train(cfg))
+    assert calls and len(curves[0.0, True]) == 4
+    assert curves[0.0, True] == pytest.approx(curves[0.0, False], rel=1e-4)
+    assert curves[0.1, True][0] == pytest.approx(curves[0.1, False][0], rel=1e-5)
+    # 4 steps: 0.1% apart at most here; without dropout the curve ends 0.2% lower
+    assert curves[0.1, True] == pytest.approx(curves[0.1, False], rel=5e-3)

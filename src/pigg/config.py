@@ -97,9 +97,10 @@ class TrainConfig:
                                  "torch_compile, which fuses on its own, nor with lora_input_fp32.")
     lora_kernels: bool = opt(True, "With fused_lora on a GPU: each adapter's dropout and A run in Triton kernels "
                                    "(pigg.lora_kernels) that draw the mask inside them, from the CUDA generator's "
-                                   "seed and counters with the same keep probability, not torch's dropout draws; "
-                                   "x is read once forward, once backward, and nothing is written at its size "
-                                   "but the input gradient. Off: torch's dropout, drawn again in the backward.")
+                                   "seed and counters with the same keep probability (within 2^-17), not torch's "
+                                   "dropout draws; x is read once forward, once backward, and nothing is written at "
+                                   "its size but the input gradient. Off: torch's dropout, drawn again in the "
+                                   "backward.")
     padding_mask: bool = opt(False, "Give attention the micro-batch's padding mask (the seed's way). Off, rows padded "
                                     "on the right train with causal attention alone, which gives every real token "
                                     "the same result, and the rotary positions come from the DataLoader workers: "

@@ -131,8 +131,7 @@ def _check(x: torch.Tensor, a: torch.Tensor) -> None:
 def _dot_type(x: torch.Tensor):
     """The dtype the kernels' matmuls take: x's on a GPU; float32 in Triton's interpreter, whose bf16
     matmul reads the numbers' bits as integers."""
-    return tl.float32 if not x.is_cuda else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype,
-                                                                                                       tl.float32)
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype] if x.is_cuda else tl.float32
 
 
 def _threshold(p: float) -> int:

@@ -11,6 +11,8 @@ variant() { local tmp; tmp=$(mktemp -d)  # NAME SECONDS [SUFFIX]
             TMPDIR=$tmp timeout "$2" python3 bench/train_throughput.py "$1" --json "train_throughput_$1${3:-}.json" 2>&1 \
               | grep -E "^(device|synthesised|RESULT|variant|pigg_|trl_|lever_|seed_|loss|  seed|  pigg)|Error|error"
             rm -rf "$tmp"; }
+gpu_tests() { timeout 150 python3 -m pytest -q -m gpu "$@" 2>&1 | grep -E "^E |passed|failed"; }  # ARGS
+kernel_tests() { gpu_tests tests/test_lora_kernels.py tests/test_gpu.py -k "kernels or fused or waits"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-1}" in
   1) timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -3
@@ -115,14 +117,10 @@ case "${1:-1}" in
       variant pigg_default_lora_80gb 110 _grid_on_cpu
       variant pigg_default_lora 130 _grid_on_cpu
       timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
-  31) # the adapters' dropout and A in Triton kernels that draw the mask (pigg.lora_kernels; as first run,
-      # 4 elements a Philox counter and larger tiles, since replaced: re-run, it measures part 33's kernels)
-      timeout 150 python3 -m pytest -q -m gpu tests/test_lora_kernels.py tests/test_gpu.py -k "kernels or fused or waits" \
-        2>&1 | grep -E "^E |passed|failed"
-      timeout 120 python3 bench/lora_kernels.py --json lora_kernels_h200.json 2>&1 | grep -v Warning
-      variant pigg_default_lora_80gb 110 _lora_kernels
-      variant pigg_default_lora_80gb_torch_dropout 110
-      timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
+  31) # the adapters' dropout and A in Triton kernels that draw the mask (pigg.lora_kernels), first version:
+      # 4 elements a Philox counter, larger tiles, since replaced. It ran part 33's commands (variant suffix
+      # _lora_kernels); run now, they measure part 33's kernels.
+      echo "part 31 measured a kernel version no longer in pigg.lora_kernels: see its results; part 33 runs the same" ;;
   32) # how the mask is drawn, with kernel versions since removed (results in
       # bench/results/{lora_kernels,train_throughput}_h200_part32.json): each Philox word masking one of 4
       # rows did not compile (Triton 3.6's LLVM lowering asserts); 4 neighbouring columns (24 bits each)
@@ -130,8 +128,7 @@ case "${1:-1}" in
       # each) timed faster per layer and is what pigg keeps
       echo "part 32 measured kernel versions no longer in pigg.lora_kernels: see its results" ;;
   33) # 8 elements masked by each Philox counter, the tiles from part 32
-      timeout 150 python3 -m pytest -q -m gpu tests/test_lora_kernels.py tests/test_gpu.py -k "kernels or fused or waits" \
-        2>&1 | grep -E "^E |passed|failed"
+      kernel_tests
       timeout 100 python3 bench/lora_kernels.py --json lora_kernels_h200.json 2>&1 | grep -v Warning
       variant pigg_default_lora_80gb 110 _lora_kernels_8_a_counter
       variant pigg_default_lora_80gb_torch_dropout 110
@@ -140,7 +137,6 @@ case "${1:-1}" in
       variant seed_lora 230
       variant pigg_default_lora 140 _lora_kernels ;;
   35) # the final code: the kernels' GPU tests, pigg's default once more
-      timeout 150 python3 -m pytest -q -m gpu tests/test_lora_kernels.py tests/test_gpu.py -k "kernels or fused or waits" \
-        2>&1 | grep -E "^E |passed|failed"
+      kernel_tests
       variant pigg_default_lora_80gb 110 _final ;;
 esac

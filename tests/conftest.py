@@ -16,6 +16,21 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture()
+def lora_model(tiny_dir):
+    """The tiny model with the seed's LoRA (dropout 0.1) and non-zero B, so the adapters change the output
+    (tests/test_lora.py, tests/test_lora_kernels.py)."""
+    from pigg.config import LoraSettings, ModelConfig
+    from pigg.lora import adapted_layers
+    from pigg.model import load_model, prepare_model
+
+    model = prepare_model(load_model(ModelConfig(name_or_path=str(tiny_dir)), "cpu"), "lora", LoraSettings())
+    torch.manual_seed(1)
+    for layer in adapted_layers(model):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+    return model.train()
+
+
 @pytest.fixture(scope="session")
 def processor(tiny_dir):
     from pigg.processor import load_processor

@@ -1,30 +1,20 @@
 import pytest
 import torch
 
-from pigg.config import LoraSettings, ModelConfig
+from pigg.config import LoraSettings
 from pigg.lora import adapted_layers, fused_adapters
-from pigg.model import load_model, prepare_model
+from pigg.model import prepare_model
 from pigg.train import checkpoint_layers
-
-
-@pytest.fixture()
-def lora_model(tiny_dir):
-    """The tiny model with the seed's LoRA (dropout 0.1) and non-zero B, so the adapters change the output."""
-    model = prepare_model(load_model(ModelConfig(name_or_path=str(tiny_dir)), "cpu"), "lora", LoraSettings())
-    torch.manual_seed(1)
-    for layer in adapted_layers(model):
-        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-    return model.train()
 
 
 IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def loss_and_gradients(model, fused: bool):
+def loss_and_gradients(model, fused: bool, kernels: bool = False):
     """Loss, gradients and the generator's state after one step from seed 0."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
-    with fused_adapters(model, fused):
+    with fused_adapters(model, fused, kernels):
         loss = model(input_ids=IDS, labels=IDS, use_cache=False).loss
         loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

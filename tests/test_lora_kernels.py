@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from pigg import lora_kernels
-from pigg.lora import AdaptedLinear
+from pigg.lora import AdaptedLinear, adapted_layers
+from test_lora import loss_and_gradients
 
 triton = pytest.importorskip("triton")
 
@@ -102,39 +103,31 @@ def test_recomputed_forward_draws_the_same_mask(device, monkeypatch):
         torch.testing.assert_close(got, want)
 
 
-def test_the_tiny_model_with_kernels_gives_pefts_loss_and_gradients_without_dropout(device, monkeypatch, tiny_dir):
-    """Through `fused_adapters(..., kernels=True)` every adapted layer of the tiny model runs the kernels
-    forward and backward; without dropout (no masks to differ) the loss and gradients are PEFT's."""
-    from pigg.config import LoraSettings, ModelConfig
-    from pigg.lora import adapted_layers, fused_adapters
-    from pigg.model import load_model, prepare_model
-
-    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
-    model = prepare_model(load_model(ModelConfig(name_or_path=str(tiny_dir)), "cpu"), "lora", LoraSettings(dropout=0.0))
-    torch.manual_seed(1)
-    for layer in adapted_layers(model):
-        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+def count_calls(monkeypatch, *names) -> list:
+    """The names of the pigg.lora_kernels functions called from now on, in order."""
     calls = []
-    for name in ("dropout_a", "dropout_a_backward"):
+    for name in names:
         original = getattr(lora_kernels, name)
         monkeypatch.setattr(lora_kernels, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    return calls
 
-    def step(fused, kernels):
-        model.zero_grad(set_to_none=True)
-        with fused_adapters(model.train(), fused, kernels):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    peft_loss, peft_grads = step(False, False)
-    loss, grads = step(True, True)
-    layers = len(adapted_layers(model))
-    assert calls.count("dropout_a") == layers and calls.count("dropout_a_backward") == layers
+def test_the_tiny_model_with_kernels_gives_pefts_loss_and_gradients_without_dropout(device, monkeypatch, lora_model):
+    """Through `fused_adapters(..., kernels=True)` every adapted layer of the tiny model runs the kernels
+    forward and backward; without dropout (no masks to differ) the loss and gradients are PEFT's."""
+    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    layers = adapted_layers(lora_model)
+    for layer in layers:
+        layer.lora_dropout["default"].p = 0.0
+    calls = count_calls(monkeypatch, "dropout_a", "dropout_a_backward")
+    peft_loss, peft_grads, _ = loss_and_gradients(lora_model, fused=False)
+    loss, grads, _ = loss_and_gradients(lora_model, fused=True, kernels=True)
+    assert calls.count("dropout_a") == len(layers) and calls.count("dropout_a_backward") == len(layers)
     torch.testing.assert_close(loss, peft_loss)
     assert grads.keys() == peft_grads.keys() and any("lora_A" in n for n in grads)
     for name, grad in peft_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
 
 def test_inputs_the_kernels_cannot_take_are_named():
     assert not lora_kernels.available(torch.ones(4, 12))  # a width not divisible by 8, or on the CPU
@@ -179,9 +172,7 @@ def test_training_with_kernels_follows_torchs_dropout(device, monkeypatch, tiny_
     from pigg.train import train
 
     monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
-    calls = []
-    original = lora_kernels.dropout_a
-    monkeypatch.setattr(lora_kernels, "dropout_a", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    calls = count_calls(monkeypatch, "dropout_a")
     curves = {}
     for dropout in (0.0, 0.1):
         for kernels in (False, True):

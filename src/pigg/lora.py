@@ -103,9 +103,7 @@ def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _generator(device: torch.device) -> torch.Generator:
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.default_generator
+    return lora_kernels.cuda_generator(device) if device.type == "cuda" else torch.default_generator
 
 
 def _state(generator: torch.Generator):

@@ -50,7 +50,6 @@ def _ampere_or_newer(index: int | None) -> bool:
 
 
 _ROUND = 16  # Triton's dot needs every side at least 16: the rank is padded to this
-PER = 8  # elements masked by each Philox counter: its 4 random words' 8 half words
 
 
 if triton is not None:
@@ -139,8 +138,13 @@ def _threshold(p: float) -> int:
 
 
 def counters(n: int, k: int) -> int:
-    """How many Philox counters the mask of an n x k input takes."""
-    return n * k // PER
+    """How many Philox counters the mask of an n x k input takes (8 elements each, `_kept`)."""
+    return n * k // 8
+
+
+def cuda_generator(device: torch.device) -> torch.Generator:
+    """The default generator of a CUDA device (the current one where the device has no index)."""
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def draw(x: torch.Tensor) -> tuple[int, int]:
@@ -148,8 +152,7 @@ def draw(x: torch.Tensor) -> tuple[int, int]:
     generator of x's device, which it moves past the counters the mask takes."""
     if not x.is_cuda:  # Triton's interpreter: a number from the CPU generator stands for the offset
         return torch.initial_seed() & (2 ** 63 - 1), int(torch.randint(2 ** 40, ())) * 4
-    generator = torch.cuda.default_generators[x.device.index if x.device.index is not None
-                                              else torch.cuda.current_device()]
+    generator = cuda_generator(x.device)
     offset = generator.get_offset()
     generator.set_offset(offset + 4 * counters(*x.shape))
     return generator.initial_seed() & (2 ** 63 - 1), offset

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-25 and 27-35 on an H200, 26 not run): bash bench/session_1gpu.sh 1..35. Each variant runs in a
+# on H100s, 6-25 and 27-40 on an H200, 26 not run): bash bench/session_1gpu.sh 1..40. Each variant runs in a
 # process of its own (Liger's patches and compiled graphs stay in a process) and writes
 # $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
@@ -12,7 +12,8 @@ variant() { local tmp; tmp=$(mktemp -d)  # NAME SECONDS [SUFFIX]
               | grep -E "^(device|synthesised|RESULT|variant|pigg_|trl_|lever_|seed_|loss|  seed|  pigg)|Error|error"
             rm -rf "$tmp"; }
 gpu_tests() { timeout 150 python3 -m pytest -q -m gpu "$@" 2>&1 | grep -E "^E |passed|failed"; }  # ARGS
-kernel_tests() { gpu_tests tests/test_lora_kernels.py tests/test_gpu.py -k "kernels or fused or waits"; }
+kernel_tests() { gpu_tests tests/test_lora_kernels.py tests/test_rms_norm.py tests/test_gpu.py \
+                   -k "kernels or fused or waits or rotary or rms_norm"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-1}" in
   1) timeout 150 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -3
@@ -139,4 +140,26 @@ case "${1:-1}" in
   35) # the final code: the kernels' GPU tests, pigg's default once more
       kernel_tests
       variant pigg_default_lora_80gb 110 _final ;;
+  36) # tried and removed (results in bench/results/{lora_kernels,train_throughput}_h200_part36.json and
+      # profile_train_step_lora_80gb_mask_bits_h200.txt): the forward kernel writing the mask as bits that
+      # the backward reads instead of drawing it again, and B's output added in the base matmul's epilogue.
+      # The bits cost the forward more than they saved the backward; the epilogue was no faster.
+      echo "part 36 measured kernel versions no longer in pigg.lora_kernels: see its results" ;;
+  37) # the forward kernel's tiles from part 36's timings over queued calls, A cast to bf16 once
+      kernel_tests
+      timeout 150 python3 bench/lora_kernels.py --json lora_kernels_h200.json 2>&1 | grep -v Warning
+      variant pigg_default_lora_80gb 110 _forward_tiles
+      variant pigg_default_lora_80gb_torch_dropout 110 ;;
+  38) # RMSNorm's input gradient for frozen weights in a row-parallel kernel (pigg.rms_norm), the vision
+      # tower's rotary embedding in one kernel from the fused qkv (pigg.vision.rotary) at 8 rows a program:
+      # the rotary kernel took 1.8 ms a layer, and training 12.54 samples/s (results in
+      # bench/results/train_throughput_h200_part38.json, profile_train_step_lora_80gb_rotary_8_rows_h200.txt)
+      echo "part 38 measured a rotary kernel's tiles no longer in pigg.vision: see its results" ;;
+  39) # the rotary kernel a row a program; both kernels timed over queued calls
+      kernel_tests
+      timeout 90 python3 bench/norm_and_rotary.py --json norm_and_rotary_h200.json 2>&1 | grep -v Warning
+      variant pigg_default_lora_80gb 110 _rms_norm_rotary
+      timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
+  40) # the loss curve over 16 steps with part 39's code, against part 34's (seed recipe, kernels)
+      variant pigg_default_lora 140 _rms_norm_rotary ;;
 esac

@@ -125,29 +125,34 @@ def test_vision_without_autocast_skips_float32_layer_norms_on_gpu(tiny_dir, proc
     assert with_and_without_autocast(tiny_dir, processor, "cuda") == [torch.float32, torch.bfloat16]
 
 
-def test_vision_rotary_with_liger_skips_float32_copies_on_gpu(monkeypatch):
-    """pigg.vision's rotary embedding with Liger's kernel on bf16 q and k gives Liger's patch's results
-    (float32 copies in and out) within one bf16 rounding, on q and k laid out as the fused qkv gives them."""
+def test_vision_rotary_skips_float32_copies_on_gpu(monkeypatch):
+    """pigg.vision's rotary embedding on bf16 q and k laid out as the fused qkv gives them: without
+    gradients its kernel gives the stock function's results (float32 copies in and out); with them,
+    Liger's kernel gives its patch's; each within one bf16 rounding and the inputs left as they were."""
     pytest.importorskip("liger_kernel")
     from liger_kernel.transformers.rope import liger_rotary_pos_emb_vision
     from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-    from pigg.vision import _rotary
+    from pigg.vision import _rotary, rotary_takes
 
     length, heads, head_dim = 3000, 16, 72
     torch.manual_seed(0)
     query, key, _ = torch.randn(length, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16).unbind(1)
     angles = torch.rand(length, head_dim // 2, device="cuda") * 60
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-    expected = liger_rotary_pos_emb_vision(query, key, cos, sin)
+    stock = modeling_qwen3_vl.apply_rotary_pos_emb_vision(query, key, cos, sin)
+    liger = liger_rotary_pos_emb_vision(query, key, cos, sin)
     before = query.clone()
     monkeypatch.setattr(modeling_qwen3_vl, "apply_rotary_pos_emb_vision", liger_rotary_pos_emb_vision)
-    got = _rotary(query, key, cos, sin)
-    assert torch.equal(query, before)  # the input is left as it was
-    for a, b in zip(got, expected, strict=True):
-        assert a.dtype == torch.bfloat16 and a.shape == (length, heads, head_dim)
-        torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-5)
-        assert (a == b).float().mean() > 0.99
+    assert rotary_takes(query, key, cos, sin)
+    trained = query.clone().requires_grad_(), key.clone().requires_grad_()
+    for got, expected in ((_rotary(query, key, cos, sin), stock), (_rotary(*trained, cos, sin), liger)):
+        assert torch.equal(query, before)
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == torch.bfloat16 and a.shape == (length, heads, head_dim)
+            torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-5)
+            assert (a == b).float().mean() > 0.99
+    assert all(t.requires_grad for t in _rotary(*trained, cos, sin))
 
 
 def test_a_training_step_waits_for_the_gpu_only_to_log_and_save_on_gpu(tiny_dir, synth_root, tmp_path):

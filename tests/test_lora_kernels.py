@@ -21,12 +21,14 @@ def device():
 
 def kept(n, k, p, seed, offset, device="cpu", **blocks) -> torch.Tensor:
     """The mask as the backward applies it: the gradient for x of dropout(x) @ A^T with A and the
-    gradient of the output all ones, scaled by 1 - p, is 1 where an element is kept and 0 elsewhere."""
-    ones = torch.ones(n, k, device=device)
-    grad_x = torch.zeros(n, k, device=device)
-    lora_kernels.dropout_a_backward(ones, torch.ones(n, 1, device=device), torch.ones(1, k, device=device), p,
-                                    1 - p, seed, offset, grad_x=grad_x, **blocks)
-    return grad_x
+    gradient of the output all ones, scaled by 1 - p, is 1 where an element is kept and 0 elsewhere
+    (exact in bf16, which the compiled kernels take)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ones = torch.ones(n, k, device=device, dtype=dtype)
+    grad_x = torch.zeros(n, k, device=device, dtype=dtype)
+    lora_kernels.dropout_a_backward(ones, torch.ones(n, 1, device=device, dtype=dtype), torch.ones(1, k, device=device),
+                                    p, 1 - p, seed, offset, grad_x=grad_x, **blocks)
+    return grad_x.float()
 
 
 def test_the_mask_keeps_1_minus_p_and_depends_on_seed_offset_and_element_only(device):
@@ -161,6 +163,8 @@ def test_compiled_kernels_give_the_adapter_with_their_mask_on_gpu():
     expected_a = scale * grad_hidden.float().t() @ dropped
     assert ((grad_a - expected_a).norm() / expected_a.norm()).item() < 1e-3
     torch.testing.assert_close(grad_x.float(), expected_x, rtol=1.6e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="bf16 or fp16 inputs on a GPU"):  # not float32's TF32 matmuls
+        lora_kernels.dropout_a(x.float(), a, p, seed, offset)
 
 
 @pytest.mark.slow

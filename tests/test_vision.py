@@ -153,3 +153,33 @@ def test_deepstack_without_waits_gives_the_models_logits_and_gradients(tiny_dir,
     (logits, grad), (patched_logits, patched_grad) = results
     torch.testing.assert_close(patched_logits, logits, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(patched_grad, grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_kernel_gives_the_stock_rotary_embedding(monkeypatch, dtype):
+    """pigg.vision's rotary kernel (interpreted here) on q and k as the fused qkv lays them out: the stock
+    function's results (float32 arithmetic, one rounding to q's dtype), contiguous, the inputs untouched;
+    `_rotary` takes it where no gradient is needed."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("compiled on the GPU: test_vision_rotary_*_on_gpu")
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    from pigg import vision
+
+    monkeypatch.setattr(vision, "INTERPRET_ON_CPU", True)
+    length, heads, head_dim = 37, 3, 12  # rows not a multiple of the kernel's; heads and half not powers of 2
+    torch.manual_seed(0)
+    query, key, _ = torch.randn(length, 3, heads, head_dim).to(dtype).unbind(1)
+    angles = torch.rand(length, head_dim // 2) * 60
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    before = query.clone()
+    expected = modeling_qwen3_vl.apply_rotary_pos_emb_vision(query, key, cos, sin)
+    assert vision.rotary_takes(query, key, cos, sin)
+    got = vision._rotary(query, key, cos, sin)
+    assert torch.equal(query, before)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == dtype and a.is_contiguous()
+        # Triton's interpreter rounds to bf16 toward zero, CUDA to nearest: one bf16 step apart at most here
+        torch.testing.assert_close(a, b, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    assert not vision.rotary_takes(query.requires_grad_(), key, cos, sin)  # the trained tower: autograd's ops

@@ -49,13 +49,11 @@ class AdaptedLinear(torch.autograd.Function):
         ctx.kernels = kernels and lora_kernels.available(x)
         generator = _generator(x.device) if p > 0 and not ctx.kernels else None
         state = _state(generator) if generator is not None else None
-        b_ = b.to(x.dtype)
-        if ctx.kernels:  # the mask drawn inside the kernels, A cast there
+        a_, b_ = a.to(x.dtype), b.to(x.dtype)  # A cast once here, not by each program of the kernels
+        if ctx.kernels:  # the mask drawn inside the kernels
             ctx.draw = lora_kernels.draw(x) if p > 0 else (0, 0)
-            a_ = a
-            hidden = lora_kernels.dropout_a(x, a, p, *ctx.draw)
+            hidden = lora_kernels.dropout_a(x, a_, p, *ctx.draw)
         else:
-            a_ = a.to(x.dtype)
             hidden = F.linear(F.dropout(x, p, training=True) if generator is not None else x, a_)
         result = F.linear(x, weight, bias)
         result.addmm_(hidden, b_.t(), alpha=scale)

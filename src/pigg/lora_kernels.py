@@ -12,7 +12,8 @@ Each kernel draws the mask of the elements it reads from Philox-4x32-10 (Triton'
 torch's CUDA generator): counter `offset // 4 + (row * k + col) // 8` under the generator's seed gives
 4 random words, each half word one of 8 neighbouring elements, kept where its 16 bits are at least
 round(p * 2**16): probability 1 - p within 2**-17 (p 0.1: 0.100006). Eight elements a counter, not
-four of 24 bits, halves the Philox work: the kernels are compute-bound on it (bench/lora_kernels.py).
+four of 24 bits, halves the Philox work, which bounds the forward (on down_proj 0.174 ms a call, 0.076
+without dropout; bench/lora_kernels.py).
 The forward takes the counters from the CUDA generator and moves it past them, as torch's dropout
 does, so the backward, a recomputed forward (activation checkpointing restores the generator) and the
 next random op agree with it. The masks have the distribution of torch's dropout, not its draws
@@ -125,6 +126,8 @@ def _check(x: torch.Tensor, a: torch.Tensor) -> None:
                          f"(got x {tuple(x.shape)} strides {x.stride()}, A {tuple(a.shape)} strides {a.stride()})")
     if x.shape[1] % 8:
         raise ValueError(f"LoRA kernels need an input width divisible by 8 (got {x.shape[1]})")
+    if x.is_cuda and x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"LoRA kernels take bf16 or fp16 inputs on a GPU (got {x.dtype})")
 
 
 def _dot_type(x: torch.Tensor):
@@ -159,9 +162,10 @@ def draw(x: torch.Tensor) -> tuple[int, int]:
 
 
 def dropout_a(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, offset: int,
-              block_n: int = 32, block_k: int = 128, warps: int = 4, stages: int = 3) -> torch.Tensor:
+              block_n: int = 16, block_k: int = 256, warps: int = 4, stages: int = 3) -> torch.Tensor:
     """dropout(x, p) @ A^T in x's dtype, the mask drawn from (seed, offset): rows x [n, k], A [r, k].
-    The tiles are the fastest of bench/lora_kernels.py's on an H200 for the 8B's layers."""
+    16 x 256 tiles: over the 8B's layers within 3% of the fastest that bench/lora_kernels.py times on
+    an H200 (bench/results/lora_kernels_h200_part37.json; 32 x 128 took down_proj 15% longer)."""
     _check(x, a)
     n, k = x.shape
     hidden = torch.empty(n, a.shape[0], dtype=x.dtype, device=x.device)

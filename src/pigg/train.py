@@ -27,6 +27,7 @@ from pigg.masking import IGNORE_INDEX
 from pigg.model import format_counts, load_model, parameter_counts, prepare_model
 from pigg.processor import load_processor, save_processor
 from pigg.provenance import write_provenance
+from pigg.rms_norm import wider_rms_norm_backward
 from pigg.users import format_users
 from pigg.vision import (batched_vision_attention, batches_attention, deepstack_without_waits, linear_patch_embedding,
                          vision_without_autocast)
@@ -215,7 +216,8 @@ def liger_kernels(model, on: bool):
     fused linear cross-entropy stays off: pigg computes logits only at the supervised positions
     already. Liger replaces functions and methods of transformers' Qwen3-VL module for the whole
     process; they are put back afterwards, so a later run in the same process (personalization's next
-    fold, a compiled run) gets what it asks for. The model's own RMSNorm layers keep Liger's forward."""
+    fold, a compiled run) gets what it asks for. The model's own RMSNorm layers keep Liger's forward;
+    where their weight is frozen (LoRA) the backward is `pigg.rms_norm`'s, which runs on more of the GPU."""
     if not on:
         yield
         return
@@ -236,9 +238,10 @@ def liger_kernels(model, on: bool):
     if liger_swiglu(unwrapped(model).config.get_text_config()):
         modeling_qwen3_vl.Qwen3VLTextMLP.forward = swiglu
         kernels = "RMSNorm, RoPE and SwiGLU"
-    print(f"Liger kernels: {kernels}")
+    print(f"Liger kernels: {kernels} (RMSNorm's input gradient by pigg.rms_norm where its weight is frozen)")
     try:
-        yield
+        with wider_rms_norm_backward():
+            yield
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)

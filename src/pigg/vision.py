@@ -6,8 +6,11 @@ With SDPA, transformers' vision attention reads the images' lengths back from th
 of the 27 layers (a wait for the GPU each time) and attends image by image: 216 calls a step for 8
 screenshots. `batched_vision_attention` reads the lengths once per forward, from `grid_thw` before
 the vision tower starts, and attends each run of same-sized images in one call, as a batch. Each
-image still attends only to itself: the same function, in fewer calls (tests/test_vision.py). With
-Liger's kernels its rotary embedding also skips four float32 copies a layer (`_rotary`). What the
+image still attends only to itself: the same function, in fewer calls (tests/test_vision.py). Its
+rotary embedding is one Triton kernel (`rotary`) that reads q and k where the fused qkv projection
+left them and writes each result once: the stock function copies q and k to float32 and back (four
+copies a layer), Liger's copies them to contiguous memory to rotate them in place (two copies a
+layer, 4.7 ms of a 0.6 s LoRA step on an H200: bench/results/profile_train_step_*_h200.txt). What the
 tower derives from the grid at each forward (position-embedding taps, rotary positions, segments:
 small kernels, several of which wait for the GPU to learn their output's size) is computed once per
 distinct grid and handed to it precomputed (`grid_tensors`).
@@ -30,10 +33,19 @@ the tower changes precision (its rotary embedding casts to float32 on its own).
 import contextlib
 import functools
 import itertools
+import os
 
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # an optional dependency (CUDA builds of torch bring it)
+    triton = None
+
+INTERPRET_ON_CPU = False  # tests set it to run `rotary` in Triton's interpreter (TRITON_INTERPRET=1)
 
 
 def batches_attention(visual, on: bool) -> bool:
@@ -109,11 +121,15 @@ def _forward(attention, segments: list, hidden_states, position_embeddings=None,
 
 
 def _rotary(query, key, cos, sin):
-    """The vision tower's rotary embedding, float32 arithmetic with bf16 results. Where Liger's patch
-    is applied (looked up at each call), its kernel is given q and k as they are: it computes in the
-    dtype of cos and sin (float32) and rounds its results to q's. Its patch, like the stock function,
-    first copies q and k to float32 and its results back: four more copies of 30,912 x 1,152 values a
-    layer for 8 screenshots. Either way each result is the float32 value rounded once to bf16."""
+    """The vision tower's rotary embedding, float32 arithmetic with bf16 results. Where no gradient is
+    needed (the frozen tower), `rotary`: one kernel reads q and k where the fused qkv left them and
+    writes each result once. Else, where Liger's patch is applied (looked up at each call), its kernel
+    given q and k as they are: it copies them (to rotate them in place), computes in the dtype of cos
+    and sin (float32) and rounds its results to q's. Its patch, like the stock function, first copies q
+    and k to float32 and its results back: four more copies of 30,912 x 1,152 values a layer for 8
+    screenshots. Each way each result is the float32 value rounded once to bf16."""
+    if rotary_takes(query, key, cos, sin):
+        return rotary(query, key, cos, sin)
     from_liger = getattr(modeling_qwen3_vl.apply_rotary_pos_emb_vision, "__module__", "").startswith("liger_kernel")
     if not from_liger or query.dtype == torch.float32:
         return modeling_qwen3_vl.apply_rotary_pos_emb_vision(query, key, cos, sin)
@@ -123,6 +139,64 @@ def _rotary(query, key, cos, sin):
     q, k = liger_rotary_pos_emb(query.unsqueeze(0).transpose(1, 2), key.unsqueeze(0).transpose(1, 2),
                                 cos.float(), sin.float())
     return q.transpose(1, 2).squeeze(0), k.transpose(1, 2).squeeze(0)
+
+
+def rotary_takes(query, key, cos, sin) -> bool:
+    """`rotary` can take these: Triton is installed, q and k [length, heads, head_dim] (each head's
+    values contiguous) need no gradient, cos and sin are [length, head_dim]; on a GPU, or on the CPU
+    where tests interpret the kernel."""
+    if triton is None or query.requires_grad or key.requires_grad or query.shape != key.shape or query.dim() != 3:
+        return False
+    length, _, head_dim = query.shape
+    if head_dim % 2 or query.stride(2) != 1 or key.stride(2) != 1 or not cos.shape == sin.shape == (length, head_dim):
+        return False
+    return query.is_cuda or INTERPRET_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rotary(query, key, cos, sin, block_rows: int = 1, warps: int = 4):
+    """q * cos + rotate_half(q) * sin and the same for k, in float32, each rounded once to q's dtype:
+    the stock `apply_rotary_pos_emb_vision`, reading q and k [length, heads, head_dim] with any row and
+    head strides and writing contiguous results. A program a row: 0.125 ms a layer for 8 screenshots on
+    an H200, against 1.8 ms at 8 rows a program (bench/norm_and_rotary.py, bench/results/
+    profile_train_step_lora_80gb_rotary_8_rows_h200.txt)."""
+    length, heads, head_dim = query.shape
+    q_out, k_out = (torch.empty(query.shape, dtype=query.dtype, device=query.device) for _ in range(2))
+    half = head_dim // 2
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _rotary_kernel[(triton.cdiv(length, block_rows),)](
+        query, key, cos, sin, q_out, k_out, length, heads, query.stride(0), query.stride(1), key.stride(0),
+        key.stride(1), HALF=half, HEADS_PAD=triton.next_power_of_2(heads), HALF_PAD=triton.next_power_of_2(half),
+        BLOCK_ROWS=block_rows, num_warps=warps)
+    return q_out, k_out
+
+
+if triton is not None:
+    @triton.jit
+    def _rotate(src, stride_row, stride_head, dst, rows, head, col, inside, cos1, cos2, sin1, sin2, heads,
+                HALF: tl.constexpr):
+        at = src + rows * stride_row + head * stride_head + col
+        x1 = tl.load(at, mask=inside, other=0.0).to(tl.float32)
+        x2 = tl.load(at + HALF, mask=inside, other=0.0).to(tl.float32)
+        out = dst + rows * (heads * 2 * HALF) + head * (2 * HALF) + col
+        tl.store(out, (x1 * cos1 - x2 * sin1).to(dst.dtype.element_ty), mask=inside)
+        tl.store(out + HALF, (x2 * cos2 + x1 * sin2).to(dst.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out, k_out, length, heads, stride_q_row, stride_q_head,
+                       stride_k_row, stride_k_head, HALF: tl.constexpr, HEADS_PAD: tl.constexpr,
+                       HALF_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS))[:, None]
+        lanes = tl.arange(0, HEADS_PAD * HALF_PAD)  # each head's first half, padded to a power of 2
+        head, col = (lanes // HALF_PAD)[None, :], (lanes % HALF_PAD)[None, :]
+        inside = (rows < length) & (head < heads) & (col < HALF)
+        rows = rows.to(tl.int64)
+        angle = rows * (2 * HALF) + col
+        cos1 = tl.load(cos_ptr + angle, mask=inside, other=0.0).to(tl.float32)
+        cos2 = tl.load(cos_ptr + angle + HALF, mask=inside, other=0.0).to(tl.float32)
+        sin1 = tl.load(sin_ptr + angle, mask=inside, other=0.0).to(tl.float32)
+        sin2 = tl.load(sin_ptr + angle + HALF, mask=inside, other=0.0).to(tl.float32)
+        _rotate(q_ptr, stride_q_row, stride_q_head, q_out, rows, head, col, inside, cos1, cos2, sin1, sin2, heads, HALF)
+        _rotate(k_ptr, stride_k_row, stride_k_head, k_out, rows, head, col, inside, cos1, cos2, sin1, sin2, heads, HALF)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,99 @@
+"""RMSNorm's input gradient in one row-parallel Triton kernel, for norms whose weight is frozen.
+
+Liger's RMSNorm backward (liger-kernel 0.8.5) launches one program per SM, each walking its share of
+the rows one row (or 16 short rows) at a time and summing the weight's gradient as it goes. With LoRA
+the 8B's norms are frozen, so nothing needs that sum, and one program of 8 (or 4) warps per SM keeps
+too few loads in flight: the 72 norms over the hidden size (4,096) and the 72 over each head (128) of
+a step took 14.8 ms of a 0.6 s LoRA step on an H200, at 1.2-2.2 TB/s
+(bench/results/profile_train_step_lora_80gb_lora_kernels_8_a_counter_h200.txt).
+
+`input_grad` computes Liger's "llama" casting mode's gradient for x (the mode Liger patches Qwen3-VL
+with) from the same saved tensors, one tile of rows a program over a grid of thousands:
+    dx = rstd * m - rstd^3 / n * sum(m * x) * x,   m = dy * w in float32, x in float32,
+rounded to x's dtype once. `wider_rms_norm_backward` has Liger's RMSNorm use it wherever the weight
+gets no gradient on a GPU, and Liger's own backward elsewhere (bench/norm_and_rotary.py times both).
+"""
+import contextlib
+import inspect
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # an optional dependency (CUDA builds of torch bring it)
+    triton = None
+
+ELEMENTS = 8192  # per program: 2 rows of 4,096 or 64 of 128
+
+
+if triton is not None:
+    @triton.jit
+    def _input_grad_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_rows, n_cols, stride_dy, stride_x, stride_dx,
+                           offset, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.arange(0, BLOCK_COLS)
+        inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        rows = rows.to(tl.int64)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=inside, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
+        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)[:, None]
+        m = (dy * w[None, :]).to(tl.float32)
+        dx = rstd * m - rstd * rstd * rstd * (tl.sum(m * x, axis=1)[:, None] / n_cols) * x
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+def input_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float = 0.0,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient for x [rows, n] of Liger's llama-mode RMSNorm y = (x * rstd).to(x.dtype) * (weight +
+    offset), given the output's gradient dy and the float32 rstd [rows] the forward saved; in x's dtype,
+    written into `out` where given (it may be dy itself)."""
+    if x.dim() != 2 or dy.shape != x.shape or weight.shape != x.shape[-1:] or rstd.shape != x.shape[:1]:
+        raise ValueError(f"RMSNorm's input gradient needs rows x [rows, n], dy like x, weight [n] and rstd [rows] "
+                         f"(got x {tuple(x.shape)}, dy {tuple(dy.shape)}, weight {tuple(weight.shape)}, rstd "
+                         f"{tuple(rstd.shape)})")
+    if x.stride(1) != 1 or dy.stride(1) != 1 or not weight.is_contiguous() or not rstd.is_contiguous():
+        raise ValueError("RMSNorm's input gradient needs contiguous rows, weight and rstd")
+    out = torch.empty_like(x) if out is None else out
+    n_rows, n_cols = x.shape
+    cols = triton.next_power_of_2(n_cols)
+    rows = max(1, ELEMENTS // cols)
+    _input_grad_kernel[(triton.cdiv(n_rows, rows),)](
+        dy, x, weight, rstd, out, n_rows, n_cols, dy.stride(0), x.stride(0), out.stride(0), float(offset),
+        BLOCK_ROWS=rows, BLOCK_COLS=cols, num_warps=min(32, max(4, rows * cols // 1024)))
+    return out
+
+
+@contextlib.contextmanager
+def wider_rms_norm_backward():
+    """While in the block, Liger's RMSNorm backward (a process-wide function of liger_kernel.ops.rms_norm,
+    put back after) takes `input_grad` where the weight gets no gradient, the casting mode is llama's and
+    the input is on a GPU; else its own kernels."""
+    from liger_kernel.ops import rms_norm as liger
+
+    stock = liger.rms_norm_backward
+    signature = inspect.signature(stock)
+    expected = ["dY", "X", "W", "RSTD", "offset", "casting_mode", "BLOCK_SIZE", "num_warps", "in_place", "row_mode",
+                "needs_dw"]
+    if list(signature.parameters) != expected:  # another liger-kernel: its own backward
+        yield
+        return
+    llama = liger._str_to_casting_mode["llama"]
+
+    def backward(*args, **kwargs):
+        a = signature.bind(*args, **kwargs)
+        a.apply_defaults()
+        dy, x, w = a.arguments["dY"], a.arguments["X"], a.arguments["W"]
+        if not x.is_cuda or w is None or a.arguments["needs_dw"] is not False or a.arguments["casting_mode"] != llama:
+            return stock(*args, **kwargs)
+        rows = dy.reshape(-1, dy.shape[-1])
+        dx = input_grad(rows, x.reshape(rows.shape), w, a.arguments["RSTD"], a.arguments["offset"],
+                        out=rows if a.arguments["in_place"] is True else None)
+        return dx.view(dy.shape), None
+
+    liger.rms_norm_backward = backward
+    try:
+        yield
+    finally:
+        liger.rms_norm_backward = stock

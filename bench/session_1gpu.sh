@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-25 and 27-40 on an H200, 26 not run): bash bench/session_1gpu.sh 1..40. Each variant runs in a
+# on H100s, 6-25 and 27-41 on an H200, 26 not run): bash bench/session_1gpu.sh 1..41. Each variant runs in a
 # process of its own (Liger's patches and compiled graphs stay in a process) and writes
 # $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
@@ -162,4 +162,7 @@ case "${1:-1}" in
       timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
   40) # the loss curve over 16 steps with part 39's code, against part 34's (seed recipe, kernels)
       variant pigg_default_lora 140 _rms_norm_rotary ;;
+  41) # the final code: the kernels' GPU tests, pigg's default once more
+      kernel_tests
+      variant pigg_default_lora_80gb 110 _final_rms_norm_rotary ;;
 esac

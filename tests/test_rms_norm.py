@@ -36,6 +36,32 @@ def test_inputs_it_cannot_take_are_named():
         rms_norm.input_grad(torch.ones(8, 4).t(), torch.ones(4, 8), torch.ones(8), torch.ones(4))
 
 
+def test_liger_backward_is_swapped_only_where_it_applies(monkeypatch):
+    """On a stand-in for liger_kernel.ops.rms_norm: its backward is swapped inside the block and put back
+    after; CPU inputs still go to it; a function with other arguments (another liger-kernel) is left."""
+    import sys
+    import types
+
+    calls = []
+
+    def stock(dY, X, W, RSTD, offset, casting_mode, BLOCK_SIZE, num_warps, in_place, row_mode, needs_dw=None):
+        calls.append(needs_dw)
+        return "Liger's"
+
+    liger = types.SimpleNamespace(rms_norm_backward=stock, _str_to_casting_mode={"llama": 0})
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops", types.SimpleNamespace(rms_norm=liger))
+    x = torch.ones(4, 8)
+    with rms_norm.wider_rms_norm_backward() as wider:
+        assert wider and liger.rms_norm_backward is not stock
+        assert liger.rms_norm_backward(x, x, torch.ones(8), torch.ones(4), 0.0, 0, 8, 4, True, None,
+                                       needs_dw=False) == "Liger's" and calls == [False]
+    assert liger.rms_norm_backward is stock
+    liger.rms_norm_backward = other = lambda dY, X, W, RSTD: None  # noqa: E731
+    with rms_norm.wider_rms_norm_backward() as wider:
+        assert not wider and liger.rms_norm_backward is other
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8576, 4096), (8576 * 8, 128)])  # the 8B's hidden size, k_norm's heads
 def test_liger_rms_norm_takes_the_kernel_for_frozen_weights_on_gpu(shape, monkeypatch):
@@ -56,6 +82,8 @@ def test_liger_rms_norm_takes_the_kernel_for_frozen_weights_on_gpu(shape, monkey
             liger.LigerRMSNormFunction.apply(x_, weight, 1e-6, 0.0, "llama", True).backward(dy.clone())
         return x_.grad, weight.grad
 
+    with rms_norm.wider_rms_norm_backward() as swapped:
+        assert swapped  # the liger-kernel installed has the backward this replaces
     frozen = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16)
     (stock, _), (wider, _) = grads(frozen, False), grads(frozen, True)
     assert calls == [1]

@@ -4,8 +4,9 @@ Liger's RMSNorm backward (liger-kernel 0.8.5) launches one program per SM, each 
 the rows one row (or 16 short rows) at a time and summing the weight's gradient as it goes. With LoRA
 the 8B's norms are frozen, so nothing needs that sum, and one program of 8 (or 4) warps per SM keeps
 too few loads in flight: the 72 norms over the hidden size (4,096) and the 72 over each head (128) of
-a step took 14.8 ms of a 0.6 s LoRA step on an H200, at 1.2-2.2 TB/s
-(bench/results/profile_train_step_lora_80gb_lora_kernels_8_a_counter_h200.txt).
+a step took 14.8 ms of a 0.6 s LoRA step on an H200, at 1.1-2.2 TB/s
+(bench/results/profile_train_step_lora_80gb_lora_kernels_8_a_counter_h200.txt, bench/norm_and_rotary.py).
+Here they take 6.5 ms, at 3.5-3.7 TB/s on the larger ones (..._rms_norm_rotary_h200.txt).
 
 `input_grad` computes Liger's "llama" casting mode's gradient for x (the mode Liger patches Qwen3-VL
 with) from the same saved tensors, one tile of rows a program over a grid of thousands:
@@ -69,15 +70,16 @@ def input_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: to
 def wider_rms_norm_backward():
     """While in the block, Liger's RMSNorm backward (a process-wide function of liger_kernel.ops.rms_norm,
     put back after) takes `input_grad` where the weight gets no gradient, the casting mode is llama's and
-    the input is on a GPU; else its own kernels."""
+    the input is on a GPU; else its own kernels. Yields whether it does: a liger-kernel whose function
+    takes other arguments keeps its own backward."""
     from liger_kernel.ops import rms_norm as liger
 
     stock = liger.rms_norm_backward
     signature = inspect.signature(stock)
     expected = ["dY", "X", "W", "RSTD", "offset", "casting_mode", "BLOCK_SIZE", "num_warps", "in_place", "row_mode",
                 "needs_dw"]
-    if list(signature.parameters) != expected:  # another liger-kernel: its own backward
-        yield
+    if list(signature.parameters) != expected:
+        yield False
         return
     llama = liger._str_to_casting_mode["llama"]
 
@@ -94,6 +96,6 @@ def wider_rms_norm_backward():
 
     liger.rms_norm_backward = backward
     try:
-        yield
+        yield True
     finally:
         liger.rms_norm_backward = stock

@@ -238,9 +238,10 @@ def liger_kernels(model, on: bool):
     if liger_swiglu(unwrapped(model).config.get_text_config()):
         modeling_qwen3_vl.Qwen3VLTextMLP.forward = swiglu
         kernels = "RMSNorm, RoPE and SwiGLU"
-    print(f"Liger kernels: {kernels} (RMSNorm's input gradient by pigg.rms_norm where its weight is frozen)")
     try:
-        with wider_rms_norm_backward():
+        with wider_rms_norm_backward() as wider:
+            print(f"Liger kernels: {kernels}"
+                  + (" (RMSNorm's input gradient by pigg.rms_norm where its weight is frozen)" if wider else ""))
             yield
     finally:
         for owner, name, value in saved:

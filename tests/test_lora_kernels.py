@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pigg import lora_kernels
+from pigg import kernels, lora_kernels
 from pigg.lora import AdaptedLinear, adapted_layers
 from test_lora import loss_and_gradients
 
@@ -59,7 +59,7 @@ def reference(x, weight, bias, a, b, p, scale, mask):
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_adapted_linear_with_kernels_gives_the_adapter_with_their_mask(device, monkeypatch, p):
-    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", True)
     torch.manual_seed(0)
     n, k, out, r, scale = 46, 64, 40, 8, 4.0  # rows not a multiple of the kernels' tiles
     x = torch.randn(n, k, requires_grad=True)
@@ -87,7 +87,7 @@ def test_recomputed_forward_draws_the_same_mask(device, monkeypatch):
     forward and the backward use the forward's mask: the gradients equal those without recomputation."""
     from torch.utils.checkpoint import checkpoint
 
-    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", True)
     torch.manual_seed(0)
     x, weight = torch.randn(32, 64), torch.randn(16, 64)
     a, b = torch.randn(8, 64).requires_grad_(), torch.randn(16, 8).requires_grad_()
@@ -117,7 +117,7 @@ def count_calls(monkeypatch, *names) -> list:
 def test_the_tiny_model_with_kernels_gives_pefts_loss_and_gradients_without_dropout(device, monkeypatch, lora_model):
     """Through `fused_adapters(..., kernels=True)` every adapted layer of the tiny model runs the kernels
     forward and backward; without dropout (no masks to differ) the loss and gradients are PEFT's."""
-    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", True)
     layers = adapted_layers(lora_model)
     for layer in layers:
         layer.lora_dropout["default"].p = 0.0
@@ -175,14 +175,14 @@ def test_training_with_kernels_follows_torchs_dropout(device, monkeypatch, tiny_
     from conftest import losses, tiny_run_config
     from pigg.train import train
 
-    monkeypatch.setattr(lora_kernels, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", True)
     calls = count_calls(monkeypatch, "dropout_a")
     curves = {}
     for dropout in (0.0, 0.1):
-        for kernels in (False, True):
-            cfg = tiny_run_config(tiny_dir, synth_root, tmp_path / f"{dropout}_{kernels}", lora_kernels=kernels)
+        for on in (False, True):
+            cfg = tiny_run_config(tiny_dir, synth_root, tmp_path / f"{dropout}_{on}", lora_kernels=on)
             cfg.lora.dropout = dropout
-            curves[dropout, kernels] = losses(train(cfg))
+            curves[dropout, on] = losses(train(cfg))
     assert calls and len(curves[0.0, True]) == 4
     assert curves[0.0, True] == pytest.approx(curves[0.0, False], rel=1e-4)
     assert curves[0.1, True][0] == pytest.approx(curves[0.1, False][0], rel=1e-5)

@@ -165,9 +165,9 @@ def test_rotary_kernel_gives_the_stock_rotary_embedding(monkeypatch, dtype):
         pytest.skip("compiled on the GPU: test_vision_rotary_*_on_gpu")
     from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-    from pigg import vision
+    from pigg import kernels, vision
 
-    monkeypatch.setattr(vision, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", True)
     length, heads, head_dim = 37, 3, 12  # rows not a multiple of the kernel's; heads and half not powers of 2
     torch.manual_seed(0)
     query, key, _ = torch.randn(length, 3, heads, head_dim).to(dtype).unbind(1)

@@ -20,29 +20,20 @@ next random op agree with it. The masks have the distribution of torch's dropout
 (tests/test_lora_kernels.py).
 """
 import functools
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # an optional dependency (CUDA builds of torch bring it)
-    triton = None
-
-
-INTERPRET_ON_CPU = False  # tests set it to run the kernels in Triton's interpreter (TRITON_INTERPRET=1)
+from pigg import kernels
+from pigg.kernels import tl, triton
 
 
 def available(x: torch.Tensor) -> bool:
     """These kernels can take x: Triton is installed, x is rows [n, k] with k divisible by 8 and
     contiguous rows, in bf16 or fp16 on a GPU with bf16 matmuls (Ampere or newer), or on the CPU where
     tests interpret the kernels."""
-    if triton is None or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] % 8:
+    if not kernels.runs_on(x) or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] % 8:
         return False
-    if x.is_cuda:
-        return x.dtype in (torch.bfloat16, torch.float16) and _ampere_or_newer(x.device.index)
-    return INTERPRET_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1"
+    return not x.is_cuda or x.dtype in (torch.bfloat16, torch.float16) and _ampere_or_newer(x.device.index)
 
 
 @functools.cache

@@ -19,11 +19,7 @@ import inspect
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # an optional dependency (CUDA builds of torch bring it)
-    triton = None
+from pigg.kernels import tl, triton
 
 ELEMENTS = 8192  # per program: 2 rows of 4,096 or 64 of 128
 
@@ -75,24 +71,19 @@ def wider_rms_norm_backward():
     from liger_kernel.ops import rms_norm as liger
 
     stock = liger.rms_norm_backward
-    signature = inspect.signature(stock)
     expected = ["dY", "X", "W", "RSTD", "offset", "casting_mode", "BLOCK_SIZE", "num_warps", "in_place", "row_mode",
-                "needs_dw"]
-    if list(signature.parameters) != expected:
+                "needs_dw"]  # the arguments `backward` below takes
+    if list(inspect.signature(stock).parameters) != expected:
         yield False
         return
     llama = liger._str_to_casting_mode["llama"]
 
-    def backward(*args, **kwargs):
-        a = signature.bind(*args, **kwargs)
-        a.apply_defaults()
-        dy, x, w = a.arguments["dY"], a.arguments["X"], a.arguments["W"]
-        if not x.is_cuda or w is None or a.arguments["needs_dw"] is not False or a.arguments["casting_mode"] != llama:
-            return stock(*args, **kwargs)
-        rows = dy.reshape(-1, dy.shape[-1])
-        dx = input_grad(rows, x.reshape(rows.shape), w, a.arguments["RSTD"], a.arguments["offset"],
-                        out=rows if a.arguments["in_place"] is True else None)
-        return dx.view(dy.shape), None
+    def backward(dY, X, W, RSTD, offset, casting_mode, BLOCK_SIZE, num_warps, in_place, row_mode, needs_dw=None):
+        if not X.is_cuda or W is None or needs_dw is not False or casting_mode != llama:
+            return stock(dY, X, W, RSTD, offset, casting_mode, BLOCK_SIZE, num_warps, in_place, row_mode, needs_dw)
+        rows = dY.reshape(-1, dY.shape[-1])
+        dx = input_grad(rows, X.reshape(rows.shape), W, RSTD, offset, out=rows if in_place is True else None)
+        return dx.view(dY.shape), None
 
     liger.rms_norm_backward = backward
     try:

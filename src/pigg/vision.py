@@ -33,19 +33,13 @@ the tower changes precision (its rotary embedding casts to float32 on its own).
 import contextlib
 import functools
 import itertools
-import os
 
 import torch
 import torch.nn.functional as F
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # an optional dependency (CUDA builds of torch bring it)
-    triton = None
-
-INTERPRET_ON_CPU = False  # tests set it to run `rotary` in Triton's interpreter (TRITON_INTERPRET=1)
+from pigg import kernels
+from pigg.kernels import tl, triton
 
 
 def batches_attention(visual, on: bool) -> bool:
@@ -145,12 +139,12 @@ def rotary_takes(query, key, cos, sin) -> bool:
     """`rotary` can take these: Triton is installed, q and k [length, heads, head_dim] (each head's
     values contiguous) need no gradient, cos and sin are [length, head_dim]; on a GPU, or on the CPU
     where tests interpret the kernel."""
-    if triton is None or query.requires_grad or key.requires_grad or query.shape != key.shape or query.dim() != 3:
+    if not kernels.runs_on(query) or query.requires_grad or key.requires_grad or query.shape != key.shape \
+            or query.dim() != 3:
         return False
     length, _, head_dim = query.shape
-    if head_dim % 2 or query.stride(2) != 1 or key.stride(2) != 1 or not cos.shape == sin.shape == (length, head_dim):
-        return False
-    return query.is_cuda or INTERPRET_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1"
+    return not head_dim % 2 and query.stride(2) == 1 and key.stride(2) == 1 \
+        and cos.shape == sin.shape == (length, head_dim)
 
 
 def rotary(query, key, cos, sin, block_rows: int = 1, warps: int = 4):

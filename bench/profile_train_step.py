@@ -13,7 +13,11 @@ folder), gzipped, for chrome://tracing or Perfetto.
 Settings are train settings given as to the CLI, e.g. torch_compile=true; with any, the output file is
 named after them (profile_train_step_torch_compile-true.txt). --stack records Python's calls too
 (with_stack=True: "python_function" events in the trace, a slower step) and adds _stack to the file names.
+--gpu-only records the GPU's activity alone (no CPU ops or shapes: a step as long as unprofiled, so its
+idle gaps are the real ones), adds _gpu_only to the file names and names each long gap's kernels
+before and after it instead of the CPU's work.
 """
+import bisect
 import collections
 import gzip
 import json
@@ -44,8 +48,8 @@ NO_LAUNCH = "(launch not in the trace)"
 
 
 class Profiler(TrainerCallback):
-    def __init__(self, with_stack: bool = False):
-        self.with_stack = with_stack
+    def __init__(self, with_stack: bool = False, gpu_only: bool = False):
+        self.with_stack, self.gpu_only = with_stack, gpu_only
         self.prof, self.wall, self.memory = None, None, {}
 
     def on_step_end(self, args, state, control, **kw):
@@ -53,8 +57,8 @@ class Profiler(TrainerCallback):
             torch.cuda.synchronize()
         if state.global_step == START:
             self.memory["start"] = torch.cuda.memory_stats()
-            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
-                                with_stack=self.with_stack)
+            activities = [ProfilerActivity.CUDA] if self.gpu_only else [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+            self.prof = profile(activities=activities, record_shapes=not self.gpu_only, with_stack=self.with_stack)
             self.prof.__enter__()
             self.wall = time.perf_counter()
         elif state.global_step == STOP:
@@ -127,6 +131,30 @@ def tally(shares: list, rows: int) -> list:
     return [f"{us / 1e3:9.2f} ms {gaps[key]:6d} x  {key}" for key, us in total.most_common(rows)]
 
 
+def gap_neighbours(trace: dict, rows: int = 20) -> str:
+    """The GPU's idle gaps over MIN_GAP_US summed by the device op before each and listed longest first
+    with the ops on either side: where in the step the GPU waits, from a trace of its activity alone."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    gaps = device_gaps(events)
+    if not gaps:
+        return f"GPU idle: no gaps over {MIN_GAP_US} us"
+    ops = sorted((e for e in events if e.get("cat") in DEVICE_CATS), key=lambda e: e["ts"] + e.get("dur", 0))
+    ends = [e["ts"] + e.get("dur", 0) for e in ops]
+    before = [ops[max(0, bisect.bisect_right(ends, start) - 1)] for start, _, _ in gaps]
+    idle = sum(end - start for start, end, _ in gaps)
+    origin = min(e["ts"] for e in ops)
+    lines = [f"GPU idle: {idle / 1e3:.2f} ms in {len(gaps)} gaps over {MIN_GAP_US} us",
+             "by the device op before the gap (ms, gaps):",
+             *tally([(i, op["name"][:90], end - start) for i, ((start, end, _), op) in enumerate(zip(gaps, before))],
+                    rows),
+             "longest gaps: start (ms from the first kernel), length (ms), op before | op after"]
+    for i in sorted(range(len(gaps)), key=lambda i: gaps[i][0] - gaps[i][1])[:rows]:
+        start, end, after = gaps[i]
+        lines.append(f"{(start - origin) / 1e3:9.3f} {(end - start) / 1e3:8.3f}  {before[i]['name'][:60]}  |  "
+                     f"{after['name'][:60]}")
+    return "\n".join(lines)
+
+
 def idle_cpu(trace: dict, rows: int = 20) -> str:
     """What the CPU did while the GPU sat idle, from a Chrome trace of torch.profiler: each idle gap over
     MIN_GAP_US is split over the innermost CPU event open at each moment on the thread that launched the
@@ -190,11 +218,12 @@ def main():
     t = cfg.train
     t.max_steps, t.save_steps, t.learning_rate = STOP + 1, 10_000, 1e-4
     t.output_dir, t.log_dir = str(root / "out"), str(root / "logs")
-    settings = [arg for arg in sys.argv[1:] if arg != "--stack"]
-    with_stack = "--stack" in sys.argv[1:]
+    flags = {"--stack", "--gpu-only"}
+    settings = [arg for arg in sys.argv[1:] if arg not in flags]
+    with_stack, gpu_only = "--stack" in sys.argv[1:], "--gpu-only" in sys.argv[1:]
     pairs = (setting.partition("=") for setting in settings)
     C.from_dict({"train": {key: yaml.safe_load(value) for key, _, value in pairs}}, cfg, source="command line")
-    profiler = Profiler(with_stack)
+    profiler = Profiler(with_stack, gpu_only)
     train(cfg, callbacks=[profiler])
     events = profiler.prof.key_averages()
     # kernels only: an op's row repeats the time of the kernels it launched
@@ -208,11 +237,12 @@ def main():
                          for e in busiest)
     summary = (f"optimizer step (8 samples): wall {1e3 * profiler.wall / (STOP - START):.0f} ms, "
                f"CUDA kernels {cuda_total:.0f} ms")
-    name = "_".join(["profile_train_step", *(s.replace("=", "-") for s in settings)]) + ("_stack" if with_stack else "")
+    flagged = [flag.removeprefix("--").replace("-", "_") for flag in sorted(flags) if flag in sys.argv[1:]]
+    name = "_".join(["profile_train_step", *(s.replace("=", "-") for s in settings), *flagged])
     trace = Path(os.environ.get("OUT") or root, f"{name}.json.gz")
     profiler.prof.export_chrome_trace(str(trace))  # .gz: gzipped
     with gzip.open(trace, "rt") as f:
-        cpu = idle_cpu(json.load(f))
+        cpu = (gap_neighbours if gpu_only else idle_cpu)(json.load(f))
     report = "\n".join([text, "copies and sums by input shape (2 steps):", by_shape, summary,
                         allocator_counts(profiler.memory["start"], profiler.memory["end"]), cpu])
     print(report)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-25 and 27-41 on an H200, 26 not run): bash bench/session_1gpu.sh 1..41. Each variant runs in a
+# on H100s, 6-25 and 27-45 on an H200, 26 not run): bash bench/session_1gpu.sh 1..45. Each variant runs in a
 # process of its own (Liger's patches and compiled graphs stay in a process) and writes
 # $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
@@ -165,4 +165,28 @@ case "${1:-1}" in
   41) # the final code: the kernels' GPU tests, pigg's default once more
       kernel_tests
       variant pigg_default_lora_80gb 110 _final_rms_norm_rotary ;;
+  42) # q, k and v (gate and up) as one autograd node, their adapters' backward in one kernel; B's sum in
+      # a kernel of pigg.lora_kernels (add_b) instead of cuBLAS's addmm_
+      kernel_tests
+      timeout 150 python3 bench/lora_kernels.py --json lora_kernels_h200.json 2>&1 | grep -v Warning
+      variant pigg_default_lora_80gb 110 _siblings
+      timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
+  43) # add_b's tiles from part 42; where the GPU idles in a step profiled without the CPU's ops; the loss
+      # curve over 16 steps against part 34's seed recipe
+      kernel_tests
+      variant pigg_default_lora_80gb 110 _add_b_tiles
+      timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 --gpu-only 2>&1 | tail -45
+      variant pigg_default_lora 140 _siblings ;;
+  44) # the caching allocator: at the cap it frees its cache (a device synchronisation) about once in two
+      # steps and asks the device for memory 72 times a step (part 43's profile); with expandable segments
+      variant pigg_default_lora_80gb 110 _same_lease
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True variant pigg_default_lora_80gb 110 _expandable_segments
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 150 python3 bench/profile_train_step.py \
+        gpu_memory_gib=79.2 --gpu-only 2>&1 | grep -E "^(optimizer|caching|GPU idle)" ;;
+  45) # the same lease: this code against the commit before part 42 (dee7ea4, its src/ unpacked into old/
+      # by `git archive dee7ea4 src | tar -x -C old`), each twice, in turn
+      for run in 1 2; do
+        variant pigg_default_lora_80gb 110 _siblings_$run
+        PYTHONPATH=/tmp/site:$PWD/old/src:$PWD/tests:$PWD/bench variant pigg_default_lora_80gb 110 _dee7ea4_$run
+      done ;;
 esac

@@ -85,6 +85,30 @@ def test_peft_forward_outside_the_block_and_for_disabled_adapters(lora_model):
     assert not torch.allclose(base, plain)
 
 
+def node(t: torch.Tensor):
+    """The autograd node under t's reshape."""
+    return t.grad_fn.next_functions[0][0]
+
+
+def test_layers_that_take_one_input_are_one_node(lora_model):
+    """q, k and v (and gate and up) called in turn on the same x are one node, each output PEFT's;
+    called on another x, a layer runs on its own."""
+    lora_model.eval()
+    named = dict(lora_model.named_modules())
+    attention = next(named[n.removesuffix(".q_proj")] for n in named if n.endswith("self_attn.q_proj"))
+    mlp = next(named[n.removesuffix(".gate_proj")] for n in named if n.endswith("mlp.gate_proj"))
+    x, other = torch.randn(2, 3, attention.q_proj.in_features), torch.randn(3, attention.q_proj.in_features)
+    with torch.no_grad():
+        expected = [layer(t) for layer, t in ((attention.q_proj, x), (attention.k_proj, x), (attention.v_proj, x),
+                                              (attention.k_proj, other), (mlp.gate_proj, x), (mlp.up_proj, x))]
+    with fused_adapters(lora_model, True):
+        q, k, v, alone = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x), attention.k_proj(other)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    for got, want in zip((q, k, v, alone, gate, up), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert node(q) is node(k) is node(v) and node(gate) is node(up) and node(q) is not node(gate)
+    assert node(alone) is not node(k) and type(node(q)).__name__ == "AdaptedLinearsBackward"
+
 
 def bf16_runs(tiny_dir, device: str, dropout: float, kernels: bool = False) -> dict:
     """Loss, generator state and gradients of one step as pigg trains (bf16 weights under bf16 autocast,

@@ -1,11 +1,13 @@
 """pigg.lora_kernels: the mask they draw, and the adapter's function and gradients with it. On the CPU
 the kernels run in Triton's interpreter; on a GPU (`pytest -m gpu`) as compiled."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pigg import kernels, lora_kernels
-from pigg.lora import AdaptedLinear, adapted_layers
+from pigg.lora import AdaptedLinears, adapted_layers
 from test_lora import loss_and_gradients
 
 triton = pytest.importorskip("triton")
@@ -66,7 +68,7 @@ def test_adapted_linear_with_kernels_gives_the_adapter_with_their_mask(device, m
     weight, bias = torch.randn(out, k) / 8, torch.randn(out)
     a, b = (torch.randn(r, k) / 8).requires_grad_(), (torch.randn(out, r) / 8).requires_grad_()
     before = torch.get_rng_state()
-    y = AdaptedLinear.apply(x, weight, bias, a, b, p, scale, True)
+    y, = AdaptedLinears.apply(x, p, scale, True, weight, bias, a, b)
     after = torch.get_rng_state()
     torch.set_rng_state(before)
     seed, offset = lora_kernels.draw(x) if p > 0 else (0, 0)  # what the forward drew from this state
@@ -95,7 +97,7 @@ def test_recomputed_forward_draws_the_same_mask(device, monkeypatch):
     def run(recompute):
         torch.manual_seed(3)
         x_ = x.clone().requires_grad_()
-        f = lambda t: AdaptedLinear.apply(t, weight, None, a, b, 0.5, 2.0, True).square().sum()  # noqa: E731
+        f = lambda t: AdaptedLinears.apply(t, 0.5, 2.0, True, weight, None, a, b)[0].square().sum()  # noqa: E731
         (checkpoint(f, x_, use_reentrant=False) if recompute else f(x_)).backward()
         grads = x_.grad, a.grad.clone(), b.grad.clone()
         a.grad = b.grad = None
@@ -106,29 +108,81 @@ def test_recomputed_forward_draws_the_same_mask(device, monkeypatch):
 
 
 def count_calls(monkeypatch, *names) -> list:
-    """The names of the pigg.lora_kernels functions called from now on, in order."""
+    """The names of the pigg.lora_kernels functions called from now on, in order, each as often as the
+    call's adapters (`adapters`: one unless given)."""
     calls = []
+
+    def counted(*args, _f, _n, **kwargs):
+        calls.extend([_n] * kwargs.get("adapters", 1))
+        return _f(*args, **kwargs)
+
     for name in names:
-        original = getattr(lora_kernels, name)
-        monkeypatch.setattr(lora_kernels, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+        monkeypatch.setattr(lora_kernels, name, functools.partial(counted, _f=getattr(lora_kernels, name), _n=name))
     return calls
 
 
 def test_the_tiny_model_with_kernels_gives_pefts_loss_and_gradients_without_dropout(device, monkeypatch, lora_model):
     """Through `fused_adapters(..., kernels=True)` every adapted layer of the tiny model runs the kernels
-    forward and backward; without dropout (no masks to differ) the loss and gradients are PEFT's."""
+    forward and backward, q, k and v as one call, gate and up as one; without dropout (no masks to
+    differ) the loss and gradients are PEFT's."""
     monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", True)
     layers = adapted_layers(lora_model)
     for layer in layers:
         layer.lora_dropout["default"].p = 0.0
-    calls = count_calls(monkeypatch, "dropout_a", "dropout_a_backward")
+    calls = count_calls(monkeypatch, "dropout_a", "dropout_a_backward", "add_b")
     peft_loss, peft_grads, _ = loss_and_gradients(lora_model, fused=False)
     loss, grads, _ = loss_and_gradients(lora_model, fused=True, kernels=True)
     assert calls.count("dropout_a") == len(layers) and calls.count("dropout_a_backward") == len(layers)
+    assert calls.count("add_b") == len(layers)
     torch.testing.assert_close(loss, peft_loss)
     assert grads.keys() == peft_grads.keys() and any("lora_A" in n for n in grads)
     for name, grad in peft_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def check_group(device: str, dtype: torch.dtype, n: int = 40, k: int = 64, **tolerance) -> None:
+    """q, k and v in one call: adapter i's hidden columns, A's gradient and mask are those of a call of
+    its own at the counters after the adapters before it; x's gradients are summed into one grad_x."""
+    torch.manual_seed(0)
+    r, p, scale, seed, offset = 8, 0.25, 2.0, 7, 64
+    x, a = torch.randn(n, k, device=device, dtype=dtype), torch.randn(3 * r, k, device=device, dtype=dtype) / 8
+    grad_hidden, grad_x = torch.randn(n, 3 * r, device=device, dtype=dtype), torch.randn(n, k, device=device)
+    alone_x = grad_x.clone()  # float32: the three adapters' sums rounded once, as the group rounds them
+    grad_x = grad_x.to(dtype)
+    hidden = lora_kernels.dropout_a(x, a, p, seed, offset, adapters=3)
+    grad_a = lora_kernels.dropout_a_backward(x, grad_hidden, a, p, scale, seed, offset, grad_x=grad_x, adapters=3)
+    for i in range(3):
+        ranks, at = slice(i * r, (i + 1) * r), offset + 4 * i * lora_kernels.counters(n, k)
+        a_i, grad_hidden_i = a[ranks].contiguous(), grad_hidden[:, ranks].contiguous()
+        torch.testing.assert_close(hidden[:, ranks], lora_kernels.dropout_a(x, a_i, p, seed, at), **tolerance)
+        alone = lora_kernels.dropout_a_backward(x, grad_hidden_i, a_i, p, scale, seed, at, grad_x=alone_x)
+        torch.testing.assert_close(grad_a[ranks], alone, **tolerance)
+    torch.testing.assert_close(grad_x.float(), alone_x, **tolerance)
+    same_a = lora_kernels.dropout_a(x, a[:r].repeat(3, 1), p, seed, offset, adapters=3)
+    assert not torch.allclose(same_a[:, :r], same_a[:, r:2 * r])  # the same A, other masks
+
+
+def test_a_group_of_adapters_is_each_adapter_at_its_own_counters(device):
+    check_group(device, torch.float32)
+
+
+@pytest.mark.gpu
+def test_a_group_of_adapters_is_each_adapter_at_its_own_counters_on_gpu():
+    """Compiled, on the 8B's q_proj rows and width in bf16: within a bf16 rounding of x's gradient."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    check_group("cuda", torch.bfloat16, n=8576, k=4096, rtol=1.6e-2, atol=2e-2)
+
+
+def test_add_b_is_addmm(device):
+    torch.manual_seed(0)
+    y, b, stacked = torch.randn(70, 150), torch.randn(150, 8), torch.randn(70, 24)
+    hidden = stacked[:, 8:16]  # rows strided, as a group's hidden columns are
+    expected = y.clone().addmm_(hidden, b.t(), alpha=4.0)
+    assert lora_kernels.add_b(y, hidden, b, 4.0) is y
+    torch.testing.assert_close(y, expected)
+    with pytest.raises(ValueError, match=r"B \(150, 8\)"):
+        lora_kernels.add_b(torch.ones(70, 151), hidden, b, 1.0)
 
 
 def test_inputs_the_kernels_cannot_take_are_named():
@@ -138,6 +192,11 @@ def test_inputs_the_kernels_cannot_take_are_named():
         lora_kernels.dropout_a(torch.ones(4, 16), torch.ones(8, 12), 0.1, 0, 0)
     with pytest.raises(ValueError, match="divisible by 8"):
         lora_kernels.dropout_a(torch.ones(4, 20), torch.ones(8, 20), 0.1, 0, 0)
+    with pytest.raises(ValueError, match="1 to 3 adapters of one rank"):
+        lora_kernels.dropout_a(torch.ones(4, 16), torch.ones(16, 16), 0.1, 0, 0, adapters=3)
+    with pytest.raises(ValueError, match="1 to 3 adapters"):
+        lora_kernels.dropout_a_backward(torch.ones(4, 16), torch.ones(4, 32), torch.ones(32, 16), 0.1, 1.0, 0, 0,
+                                        adapters=4)
 
 
 @pytest.mark.gpu

@@ -6,21 +6,23 @@ keeps per token, layer and hidden unit (pigg.batching). It also scales and adds 
 in two passes of their own.
 
 `fused_adapters` computes the same function while training, each adapted layer as one autograd node
-(`AdaptedLinear`):
-- it keeps the input x (q, k and v share it; so do gate and up), A's rank-wide output and the random
-  generator's state, not the dropped-out copy; the backward draws the same mask again from that
-  state, as activation checkpointing does;
+(`AdaptedLinears`), and the layers a module calls in turn on one input (q, k and v; gate and up:
+`Siblings`) as one node:
+- it keeps the input x, A's rank-wide output and the random generator's state, not the dropped-out
+  copy; the backward draws the same mask again from that state, as activation checkpointing does;
 - B, the scale and the sum are one `addmm_` into the base layer's output, and in the backward the
-  adapter's input gradient is added into the base layer's in place: one autograd node a layer instead
-  of one per op, and fewer kernels (the CPU launches every kernel of a step: README, Training speed).
+  adapters' input gradients are added into the base layers' in place, which the layers' matmuls sum
+  into one tensor: one autograd node where PEFT has one per op, and fewer kernels (the CPU launches
+  every kernel of a step: README, Training speed).
 Each mask is drawn by the same dropout from the same generator in the same order as PEFT's, so the
 values are PEFT's up to the order of float rounding (tests/test_lora.py). On the 8B in an H100's
 memory that leaves micro-batch 8 without recomputation: 9.35-10.00 samples/s on an H200 capped there,
 against 8.85 with PEFT's adapters and 11 layers recomputed (README, sixth run). With `kernels` on a
-GPU the dropout and A run in `pigg.lora_kernels` instead, which draw masks of the same keep
-probability from the same generator, not the same masks (README, tenth run: 12.46 to 13.21 samples/s
-on an H200). An input that PEFT would first cast to the adapters' float32 (the seed's
-`train.lora_input_fp32`) goes to PEFT's forward, as does a layer whose base weights are trained.
+GPU the dropout, A and B's sum run in `pigg.lora_kernels` instead, a node's adapters in one kernel
+each way, which draw masks of the same keep probability from the same generator, not the same masks
+(README, tenth run: 12.46 to 13.21 samples/s on an H200; twelfth: 13.30 to 13.73). An input that PEFT
+would first cast to the adapters' float32 (the seed's `train.lora_input_fp32`) goes to PEFT's
+forward, as does a layer whose base weights are trained.
 """
 import contextlib
 import functools
@@ -33,64 +35,102 @@ from torch import nn
 from pigg import lora_kernels
 
 
-class AdaptedLinear(torch.autograd.Function):
-    """base(x) + scale * B(A(dropout(x, p))) for rows x, as one node of the autograd graph.
+class AdaptedLinears(torch.autograd.Function):
+    """base_i(x) + scale * B_i(A_i(dropout_i(x, p))) for rows x and each of the layers i that take x (q,
+    k and v; gate and up), as one node of the autograd graph: `apply(x, p, scale, kernels, *layers)`,
+    each layer's weight, bias, A and B in turn, gives their outputs.
 
-    The forward keeps x, A(dropout(x)) (rank columns) and the generator's state, not the dropped-out x;
-    the backward puts the generator back where the forward found it, draws the same mask again, and
-    adds the adapter's input gradient into the base layer's in place. B, the scale and the sum are one
-    addmm_ forward.
-    With `kernels` (and an input they take) dropout and A run in pigg.lora_kernels, which keep the
-    mask's seed and counter for the backward instead of the generator's state.
-    The base layer is frozen: its weight and bias get no gradient."""
+    The forward keeps x, A_i(dropout_i(x)) (rank columns) and the generator's state, not the dropped-out
+    x; the backward puts the generator back where the forward found it, draws the same masks again in
+    the same order, and adds the adapters' input gradients into the base layers' in place: x's gradient
+    is one tensor the layers' matmuls add into, not one a layer summed after. B, the scale and the sum
+    are one addmm_ forward.
+    With `kernels` (and an input they take) dropout and A run in pigg.lora_kernels, all layers' in one
+    kernel each way, which keeps the masks' seed and counter for the backward instead of the
+    generator's state; B's sum too (`lora_kernels.add_b`).
+    The base layers are frozen: their weights and biases get no gradient; the adapters share p, scale
+    and rank."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, p, scale, kernels=False):
+    def forward(ctx, x, p, scale, kernels, *layers):
+        weights, biases, a, b = layers[0::4], layers[1::4], layers[2::4], layers[3::4]
+        count, rank = len(weights), a[0].shape[0]
+        if any(t.shape[0] != rank for t in a):
+            raise ValueError(f"adapters fused into one node need one rank (got {[t.shape[0] for t in a]})")
         ctx.kernels = kernels and lora_kernels.available(x)
         generator = _generator(x.device) if p > 0 and not ctx.kernels else None
         state = _state(generator) if generator is not None else None
-        a_, b_ = a.to(x.dtype), b.to(x.dtype)  # A cast once here, not by each program of the kernels
-        if ctx.kernels:  # the mask drawn inside the kernels
-            ctx.draw = lora_kernels.draw(x) if p > 0 else (0, 0)
-            hidden = lora_kernels.dropout_a(x, a_, p, *ctx.draw)
+        b_ = [t.to(x.dtype) for t in b]
+        if ctx.kernels:  # the masks drawn inside the kernels; A cast once here, the layers' stacked
+            a_ = [a[0].to(x.dtype) if count == 1 else torch.cat(a, out=x.new_empty(count * rank, a[0].shape[1]))]
+            ctx.draw = lora_kernels.draw(x, count) if p > 0 else (0, 0)
+            stacked = lora_kernels.dropout_a(x, a_[0], p, *ctx.draw, adapters=count)
+            hidden = [stacked[:, i * rank:(i + 1) * rank] for i in range(count)]
         else:
-            hidden = F.linear(F.dropout(x, p, training=True) if generator is not None else x, a_)
-        result = F.linear(x, weight, bias)
-        result.addmm_(hidden, b_.t(), alpha=scale)
+            a_ = [t.to(x.dtype) for t in a]
+            hidden = [F.linear(F.dropout(x, p, training=True) if generator is not None else x, t) for t in a_]
+        results = []
+        for weight, bias, h, b_i in zip(weights, biases, hidden, b_, strict=True):
+            result = F.linear(x, weight, bias)
+            if ctx.kernels:
+                lora_kernels.add_b(result, h, b_i, scale)
+            else:
+                result.addmm_(h, b_i.t(), alpha=scale)
+            results.append(result)
         ctx.p, ctx.scale, ctx.generator, ctx.state = p, scale, generator, state
-        ctx.dtypes = a.dtype, b.dtype
-        ctx.save_for_backward(x, weight, a_, b_, hidden)
-        return result
+        ctx.count, ctx.dtypes = count, [(t.dtype, u.dtype) for t, u in zip(a, b, strict=True)]
+        ctx.save_for_backward(x, *weights, *b_, *hidden, *a_)
+        return tuple(results)
 
     @staticmethod
-    def backward(ctx, grad):
-        x, weight, a_, b_, hidden = ctx.saved_tensors
-        scale, grad_a, grad_b, grad_x = ctx.scale, None, None, None
-        grad_hidden = torch.mm(grad, b_)  # without the scale, which each use below applies in a kernel it runs
-        if ctx.needs_input_grad[4]:
-            grad_b = _scaled(torch.mm(grad.t(), hidden), scale, ctx.dtypes[1])
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad, weight)
+    def backward(ctx, *grads):
+        count, scale = ctx.count, ctx.scale
+        x, *saved = ctx.saved_tensors
+        weights, b_, hidden, a_ = saved[:count], saved[count:2 * count], saved[2 * count:3 * count], saved[3 * count:]
+        needs_x, needs_a = ctx.needs_input_grad[0], [ctx.needs_input_grad[4 + 4 * i + 2] for i in range(count)]
+        grad_a, grad_b, grad_x = [None] * count, [None] * count, None
+        # without the scale, which each use below applies in a kernel it runs
+        grad_hidden = [torch.mm(grad, t) for grad, t in zip(grads, b_, strict=True)]
+        for i in range(count):
+            if ctx.needs_input_grad[4 + 4 * i + 3]:
+                grad_b[i] = _scaled(torch.mm(grads[i].t(), hidden[i]), scale, ctx.dtypes[i][1])
+        if needs_x:
+            grad_x = torch.mm(grads[0], weights[0])
+            for grad, weight in zip(grads[1:], weights[1:], strict=True):
+                grad_x.addmm_(grad, weight)
         if ctx.kernels:
-            if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:  # A's gradient, and x's added into grad_x
-                grad_a = lora_kernels.dropout_a_backward(x, grad_hidden, a_, ctx.p, scale, *ctx.draw, grad_x=grad_x)
-                grad_a = grad_a.to(ctx.dtypes[0]) if ctx.needs_input_grad[3] else None
-            return grad_x, None, None, grad_a, grad_b, None, None, None
-        dropped = mask = None
+            if needs_x or any(needs_a):  # A's gradients, and x's added into grad_x
+                stacked = lora_kernels.dropout_a_backward(
+                    x, grad_hidden[0] if count == 1 else torch.cat(grad_hidden, 1), a_[0], ctx.p, scale,
+                    *ctx.draw, grad_x=grad_x, adapters=count)
+                grad_a = [t.to(dtype) if needs else None
+                          for t, needs, (dtype, _) in zip(stacked.split(a_[0].shape[0] // count), needs_a,
+                                                          ctx.dtypes, strict=True)]
+            return grad_x, None, None, None, *_layer_grads(grad_a, grad_b)
         if ctx.generator is not None:
             now = _state(ctx.generator)
             _set_state(ctx.generator, ctx.state)
-            dropped, mask = torch.native_dropout(x, ctx.p, True)  # F.dropout's kernel, and its draws
-            _set_state(ctx.generator, now)
-        if ctx.needs_input_grad[3]:
-            grad_a = _scaled(torch.mm(grad_hidden.t(), x if dropped is None else dropped), scale, ctx.dtypes[0])
-        if ctx.needs_input_grad[0]:
+        for i, a_i in enumerate(a_):
+            # each mask drawn again in the forward's order: F.dropout's kernel, and its draws
+            dropped, mask = torch.native_dropout(x, ctx.p, True) if ctx.generator is not None else (None, None)
+            if needs_a[i]:
+                grad_a[i] = _scaled(torch.mm(grad_hidden[i].t(), x if dropped is None else dropped), scale,
+                                    ctx.dtypes[i][0])
+            if not needs_x:
+                continue
             if mask is None:
-                grad_x.addmm_(grad_hidden, a_, alpha=scale)
+                grad_x.addmm_(grad_hidden[i], a_i, alpha=scale)
             else:  # dropout's own backward (addcmul_ with the bool mask takes CUDA's slow mixed-dtype path)
                 kept = 0.0 if ctx.p == 1 else scale / (1.0 - ctx.p)
-                grad_x.add_(torch.ops.aten.native_dropout_backward(torch.mm(grad_hidden, a_), mask, kept))
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+                grad_x.add_(torch.ops.aten.native_dropout_backward(torch.mm(grad_hidden[i], a_i), mask, kept))
+        if ctx.generator is not None:
+            _set_state(ctx.generator, now)
+        return grad_x, None, None, None, *_layer_grads(grad_a, grad_b)
+
+
+def _layer_grads(grad_a: list, grad_b: list) -> list:
+    """The gradients for `AdaptedLinears`'s layers' weight, bias, A and B in turn: the base layers' none."""
+    return [g for pair in zip(grad_a, grad_b, strict=True) for g in (None, None, *pair)]
 
 
 def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -138,15 +178,73 @@ def fused_forward(layer, adapter: Adapter, x, *args, **kwargs):
     """A PEFT `lora.Linear`'s forward with its one adapter fused; PEFT's own where the layer is merged,
     its adapters disabled or others active, the base layer trained, or PEFT would cast the input to the
     adapters' dtype first."""
-    base = adapter.base
-    if args or kwargs or layer.disable_adapters or layer.merged or layer.active_adapters != [adapter.name] \
-            or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad) \
-            or not _in_compute_dtype(layer, adapter, x):
+    if args or kwargs or not _fusable(layer, adapter, x):
         return type(layer).forward(layer, x, *args, **kwargs)
+    return _apply(((layer, adapter),), x)[0]
+
+
+def _fusable(layer, adapter: Adapter, x) -> bool:
+    base = adapter.base
+    return not (layer.disable_adapters or layer.merged or layer.active_adapters != [adapter.name]
+                or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+                or not _in_compute_dtype(layer, adapter, x))
+
+
+def _apply(members, x) -> list:
+    """The outputs of the (layer, adapter) pairs on x, as one `AdaptedLinears` node."""
+    layer, adapter = members[0]
     p = adapter.dropout if layer.training else 0.0
-    result = AdaptedLinear.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, adapter.a.weight,
-                                 adapter.b.weight, p, adapter.scale, adapter.kernels)
-    return result.view(*x.shape[:-1], result.shape[-1])
+    weights = [t for _, a in members for t in (a.base.weight, a.base.bias, a.a.weight, a.b.weight)]
+    results = AdaptedLinears.apply(x.reshape(-1, x.shape[-1]), p, adapter.scale, adapter.kernels, *weights)
+    return [result.view(*x.shape[:-1], result.shape[-1]) for result in results]
+
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # a module's layers that take one x, in turn
+
+
+class Siblings:
+    """Adapted layers of one module that it calls in turn on the same input (attention's q, k and v; the
+    MLP's gate and up). The first one's call computes all their outputs as one `AdaptedLinears` node,
+    and the others' calls with that same x take theirs: x's gradient is summed by their matmuls and one
+    kernel, not by autograd adding one layer's to another's (3 passes over it a decoder layer)."""
+
+    def __init__(self, members: list):
+        self.members = members
+        self.x, self.pending = None, {}
+
+    def forward(self, index: int, x, *args, **kwargs):
+        layer, adapter = self.members[index]
+        if index and x is self.x and index in self.pending:
+            result = self.pending.pop(index)
+            if not self.pending:
+                self.x = None
+            return result
+        if index or args or kwargs or any(not _fusable(m, a, x) or m.training != layer.training
+                                          for m, a in self.members):
+            return fused_forward(layer, adapter, x, *args, **kwargs)
+        results = _apply(self.members, x)
+        self.x, self.pending = x, dict(enumerate(results[1:], 1))
+        return results[0]
+
+
+def siblings(model, layers: dict) -> list[Siblings]:
+    """The `SIBLINGS` of the model whose adapters can be one node: the same dropout, scale, rank, input
+    width and kernels. `layers` maps each fusable layer to its adapter."""
+    names = {module: name for name, module in model.named_modules()}
+    by_parent = {}
+    for layer, adapter in layers.items():
+        parent, _, attribute = names[layer].rpartition(".")
+        by_parent.setdefault(parent, {})[attribute] = layer, adapter
+    found = []
+    for children in by_parent.values():
+        for group in SIBLINGS:
+            members = [children.get(name) for name in group]
+            if None in members:
+                continue
+            shared = {(a.dropout, a.scale, a.a.weight.shape, a.kernels) for _, a in members}
+            if len(shared) == 1:
+                found.append(Siblings(members))
+    return found
 
 
 def _in_compute_dtype(layer, adapter: Adapter, x) -> bool:
@@ -178,17 +276,23 @@ def adapted_layers(model) -> list:
 
 @contextlib.contextmanager
 def fused_adapters(model, on: bool, kernels: bool = False):
-    """While in the block, the model's LoRA linear layers run `fused_forward`, with `pigg.lora_kernels`
-    where asked and they can take the input; PEFT's forward after."""
-    layers = []
+    """While in the block, the model's LoRA linear layers run `fused_forward` (`Siblings` as one node),
+    with `pigg.lora_kernels` where asked and they can take the input; PEFT's forward after."""
+    layers = {}
     for layer in adapted_layers(model) if on else []:
         adapter = fusable_adapter(layer, kernels)
         if adapter is not None:
             layer.forward = functools.partial(fused_forward, layer, adapter)
-            layers.append(layer)
+            layers[layer] = adapter
+    groups = siblings(model, layers)
+    for group in groups:
+        for index, (layer, _) in enumerate(group.members):
+            layer.forward = functools.partial(group.forward, index)
     if layers:
         how = "in Triton kernels on a GPU, else " if kernels and lora_kernels.triton is not None else ""
-        print(f"fused LoRA: {len(layers)} adapted layers (dropout masks drawn {how}again in the backward)")
+        grouped = sum(len(group.members) for group in groups)
+        print(f"fused LoRA: {len(layers)} adapted layers, {grouped} of them as {len(groups)} nodes of layers that "
+              f"take the same input (dropout masks drawn {how}again in the backward)")
     try:
         yield
     finally:

@@ -87,6 +87,23 @@ def test_data_commands(synth_root, tiny_dir, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "s").glob("*.pkl")) == ["user_1.pkl", "user_2.pkl"]
 
 
+def test_a_command_that_succeeds_destroys_the_process_group(synth_root, tmp_path):
+    """Left to the interpreter's exit, gloo's threads can abort a rank after its run is saved (SIGABRT:
+    "terminate called without an active exception"); a command that failed leaves the group alone."""
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert main(["data", "validate", "--data-root", str(synth_root), "--users", "1-5"]) == 2
+        assert dist.is_initialized()
+        assert main(["data", "validate", "--data-root", str(synth_root), "--users", "1-3"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_train_command_end_to_end(synth_root, tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc = main(["train", "--model", str(tiny_dir), "--data-root", str(synth_root), "--users", "1-2", "--lora",

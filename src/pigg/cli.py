@@ -10,6 +10,7 @@ import os
 import sys
 
 from pigg import config as C
+from pigg.distributed import close_process_group
 
 ALIASES = [  # short flag -> (section, field); the first one whose section the command has wins
     ("--model", "model", "name_or_path"),
@@ -293,6 +294,7 @@ def main(argv=None) -> int:
     except (C.ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"pigg: error: {e}", file=sys.stderr)
         return 2
+    close_process_group()
     return 0
 
 

@@ -235,6 +235,18 @@ def end_process_group(made_here: bool) -> None:
         dist.destroy_process_group()
 
 
+def close_process_group() -> None:
+    """The process group of this process (training's, which accelerate makes), destroyed once a command
+    has succeeded: left to the interpreter's exit, gloo's threads can abort the process (SIGABRT,
+    "terminate called without an active exception") after its work is done and saved, and the run's
+    launcher then reports it failed. Not after an error: a rank that failed while others are in a
+    collective would wait for them in the destroy."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # ---- resuming a checkpoint written with another layout (one process or DDP <-> FSDP) -----------
 # A full fine-tuning checkpoint written under FSDP holds pytorch_model_fsdp.bin and optimizer.bin (the
 # optimizer state keyed by parameter name); one written by one process (or DDP) holds optimizer.pt

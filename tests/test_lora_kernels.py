@@ -123,8 +123,8 @@ def count_calls(monkeypatch, *names) -> list:
 
 def test_the_tiny_model_with_kernels_gives_pefts_loss_and_gradients_without_dropout(device, monkeypatch, lora_model):
     """Through `fused_adapters(..., kernels=True)` every adapted layer of the tiny model runs the kernels
-    forward and backward, q, k and v as one call, gate and up as one; without dropout (no masks to
-    differ) the loss and gradients are PEFT's."""
+    forward and backward and `add_b` (a call for q, k and v counts three); without dropout (no masks
+    to differ) the loss and gradients are PEFT's."""
     monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", True)
     layers = adapted_layers(lora_model)
     for layer in layers:

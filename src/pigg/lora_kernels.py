@@ -10,7 +10,7 @@ over memory. Here:
   the adapter's input gradient into the base layer's in place; for q, k and v (gate and up) at once:
   x and the input gradient their matmuls summed are read once for all three, each with its own mask;
 - `add_b` adds scale * B's output into the base layer's in one pass, where cuBLAS's addmm_ with
-  rank-wide operands ran at about 2.5 TB/s on an H200.
+  rank-wide operands ran at about 2.3 TB/s on an H200.
 Each kernel draws the mask of the elements it reads from Philox-4x32-10 (Triton's, the algorithm of
 torch's CUDA generator): counter `offset // 4 + (row * k + col) // 8` under the generator's seed gives
 4 random words, each half word one of 8 neighbouring elements, kept where its 16 bits are at least

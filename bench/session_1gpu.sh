@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-25 and 27-45 on an H200, 26 not run): bash bench/session_1gpu.sh 1..45. Each variant runs in a
+# on H100s, 6-25 and 27-46 on an H200, 26 not run): bash bench/session_1gpu.sh 1..46. Each variant runs in a
 # process of its own (Liger's patches and compiled graphs stay in a process) and writes
 # $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
@@ -189,4 +189,7 @@ case "${1:-1}" in
         variant pigg_default_lora_80gb 110 _siblings_$run
         PYTHONPATH=/tmp/site:$PWD/old/src:$PWD/tests:$PWD/bench variant pigg_default_lora_80gb 110 _dee7ea4_$run
       done ;;
+  46) # the final code: the kernels' GPU tests, pigg's default once more
+      kernel_tests
+      variant pigg_default_lora_80gb 110 _final_siblings ;;
 esac

@@ -122,3 +122,18 @@ def test_allocator_counts_are_differences(profile_train_step):
     assert profile_train_step.allocator_counts(start, end) == (
         "caching allocator over 2 steps: num_alloc_retries 3, num_device_alloc 5, num_device_free 0, "
         "num_sync_all_streams 3")
+
+
+def test_gpu_only_gaps_are_named_by_the_device_ops_around_them(profile_train_step):
+    """--gpu-only: no CPU work to split a gap over, so each is named by the ops before and after it (the
+    op before is the one that ended last, on any stream: kernel_a, not kernel_d inside it)."""
+    text = profile_train_step.gap_neighbours(trace())
+    assert text.splitlines()[0] == "GPU idle: 1.84 ms in 3 gaps over 20 us"
+    assert table(text, "by the device op before") == {
+        "kernel_a": ("1.00", 1), "kernel_e": ("0.52", 1), "Memset (Device)": ("0.32", 1)}
+    assert text.splitlines()[-3:] == [
+        "    0.100    1.000  kernel_a  |  kernel_b",
+        "    1.510    0.520  kernel_e  |  kernel_f",
+        "    1.180    0.320  Memset (Device)  |  kernel_e"]
+    short = {"traceEvents": [kernel("kernel_a", 1000, 100, 1), kernel("kernel_b", 1120, 10, 2)]}
+    assert profile_train_step.gap_neighbours(short) == "GPU idle: no gaps over 20 us"

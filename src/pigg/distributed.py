@@ -229,10 +229,8 @@ def barrier() -> None:
 
 
 def end_process_group(made_here: bool) -> None:
-    import torch.distributed as dist
-
-    if made_here and dist.is_initialized():
-        dist.destroy_process_group()
+    if made_here:
+        close_process_group()
 
 
 def close_process_group() -> None:

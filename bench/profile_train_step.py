@@ -12,7 +12,10 @@ folder), gzipped, for chrome://tracing or Perfetto.
 
 Settings are train settings given as to the CLI, e.g. torch_compile=true; with any, the output file is
 named after them (profile_train_step_torch_compile-true.txt). --stack records Python's calls too
-(with_stack=True: "python_function" events in the trace, a slower step) and adds _stack to the file names.
+(with_stack=True: "python_function" events in the trace, a slower step), adds _stack to the file names and
+prints the Python functions with the most self time. Python's calls recorded, a step's Python takes far
+longer: walks over the model's modules show up in the gaps, but removing them did not change the rate
+(bench/session_1gpu.sh part 49).
 --gpu-only records the GPU's activity alone (no CPU ops or shapes), adds _gpu_only to the file names and
 names each long gap by the device ops before and after it instead of the CPU's work. Profiling still
 lengthens a step: on an H200, 672-700 ms against about 590 unprofiled (bench/results/
@@ -210,6 +213,39 @@ def idle_cpu(trace: dict, rows: int = 20) -> str:
     return "\n".join(lines)
 
 
+def python_self_time(trace: dict, rows: int = 25) -> str:
+    """With --stack: the Python functions with the most self time (their time less that of the events
+    they enclose, ops included) on the thread that launched the most kernels, by function and caller.
+    A call that waits for another thread counts its wait: autograd's backward (`run_backward`) runs and
+    launches on a thread of its own."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    threads = collections.Counter((e["pid"], e["tid"]) for e in events if e.get("cat") in LAUNCH_CATS)
+    if not threads:
+        return "Python self time: no launches in the trace"
+    main_thread = threads.most_common(1)[0][0]
+    ordered = sorted((e for e in events if e.get("cat") in CPU_CATS and (e["pid"], e["tid"]) == main_thread),
+                     key=lambda e: (e["ts"], -e.get("dur", 0)))
+    self_us, callers, stack = collections.Counter(), {}, []
+    for e in ordered:
+        while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) <= e["ts"]:
+            stack.pop()
+        if stack:
+            self_us[id(stack[-1])] -= e.get("dur", 0)
+        if e.get("cat") == "python_function":
+            self_us[id(e)] += e.get("dur", 0)
+            callers[id(e)] = (e["name"][:70], stack[-1]["name"][:70] if stack else "")
+        stack.append(e)
+    by_key = collections.Counter()
+    for key, us in self_us.items():
+        if key in callers:
+            by_key[callers[key]] += us
+    total = sum(by_key.values())
+    lines = [f"Python self time on the launching thread: {total / 1e3:.2f} ms over {STOP - START} steps; "
+             "the most, by function < caller (ms):"]
+    lines += [f"{us / 1e3:9.2f} ms  {name} < {caller}" for (name, caller), us in by_key.most_common(rows)]
+    return "\n".join(lines)
+
+
 def main():
     root = Path(tempfile.mkdtemp(prefix="pigg_profile_"))
     model_dir, data_dir = phone_users_and_8b(root, 8, 12)
@@ -243,7 +279,10 @@ def main():
     trace = Path(os.environ.get("OUT") or root, f"{name}.json.gz")
     profiler.prof.export_chrome_trace(str(trace))  # .gz: gzipped
     with gzip.open(trace, "rt") as f:
-        cpu = (gap_neighbours if gpu_only else idle_cpu)(json.load(f))
+        trace_events = json.load(f)
+    cpu = (gap_neighbours if gpu_only else idle_cpu)(trace_events)
+    if with_stack:
+        cpu += "\n" + python_self_time(trace_events)
     report = "\n".join([text, "copies and sums by input shape (2 steps):", by_shape, summary,
                         allocator_counts(profiler.memory["start"], profiler.memory["end"]), cpu])
     print(report)

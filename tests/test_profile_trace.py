@@ -137,3 +137,20 @@ def test_gpu_only_gaps_are_named_by_the_device_ops_around_them(profile_train_ste
         "    1.180    0.320  Memset (Device)  |  kernel_e"]
     short = {"traceEvents": [kernel("kernel_a", 1000, 100, 1), kernel("kernel_b", 1120, 10, 2)]}
     assert profile_train_step.gap_neighbours(short) == "GPU idle: no gaps over 20 us"
+
+
+def test_python_self_time_excludes_what_a_function_encloses(profile_train_step):
+    """--stack: a Python function's self time is its time less that of the events directly inside it
+    (a Python call or an op), summed by function and caller, on the thread that launched the kernels."""
+    events = trace()
+    events["traceEvents"] += [event("python_function", "lora.py(5): helper", 1260, 30),
+                              event("python_function", "module.py(2882): named_modules", 2025, 20),
+                              event("python_function", "other thread", 1000, 500, tid=2)]
+    text = profile_train_step.python_self_time(events)
+    assert text.splitlines() == [
+        "Python self time on the launching thread: 0.09 ms over 2 steps; the most, by function < caller (ms):",
+        f"     0.04 ms  {STEP} < ProfilerStep#3",  # 770 us less LIGER's 700 and the helper's 30
+        f"     0.03 ms  lora.py(5): helper < {STEP}",
+        "     0.02 ms  module.py(2882): named_modules < ProfilerStep#3"]
+    assert profile_train_step.python_self_time({"traceEvents": [kernel("kernel_a", 0, 1, 1)]}) == (
+        "Python self time: no launches in the trace")

@@ -195,8 +195,8 @@ case "${1:-1}" in
   47) # the vision tower's attention (head size 72) on each SDPA backend, and at head sizes padded with zeros
       # (part 47 ran the attention alone, as bench/vision_attention.py; part 52 the MLP too)
       timeout 150 python3 bench/vision_tower.py --json vision_tower_h200.json 2>&1 | grep -v Warning ;;
-  48) # what Python runs while the GPU idles between kernels, and the Python functions with the most self time
-      # (with_stack; run again as part 53 once the script printed the latter)
+  48|53) # what Python runs while the GPU idles between kernels, and the Python functions with the most self
+      # time (with_stack; part 53 ran it once the script printed the latter)
       timeout 200 python3 bench/profile_train_step.py gpu_memory_gib=79.2 --stack 2>&1 | tail -102 ;;
   49) # tried and removed (results in bench/results/train_throughput_h200_part49.json): model.train() and
       # model.parameters() without walking the LoRA 8B's 3,367 modules at every step (35.0 ms of Python a step
@@ -210,15 +210,14 @@ case "${1:-1}" in
       # bench/results/{lora_kernels,train_throughput}_h200_part50.json)
       echo "part 50 measured a kernel version no longer in pigg.lora_kernels: see its results" ;;
   51) # the same with the bits packed straight from Philox's words and unpacked as the drawn mask is laid out:
-      # the forward's cost went (grouped q, k, v: 0.146 ms against 0.127), but the backward reading the bits was
-      # no faster than drawing (0.244 against 0.239 at the best tiles: Philox does not bound it), and training
-      # ran 13.54 against 13.81 samples/s with 1.3 GiB more (results in bench/results/
-      # {lora_kernels,train_throughput}_h200_part51.json)
+      # the forward's kernel cost little more (grouped q, k, v 0.146 ms against 0.127 without bits; 0.291 with
+      # part 50's packing), but the backward reading the bits was no faster than drawing them (0.244 against
+      # 0.239 ms at the best tiles: Philox does not bound it), and training ran 13.54 against 13.81 samples/s
+      # with 1.3 GiB more (results in bench/results/{lora_kernels,train_throughput}_h200_part51.json)
       echo "part 51 measured a kernel version no longer in pigg.lora_kernels: see its results" ;;
   52) # the vision tower's MLP, GELU in fc1's epilogue against its own kernel: 0.508 against 0.584 ms for fc1 and
       # GELU, but 1.037 against 1.050 for the whole MLP (0.35 ms a step), so not adopted
       timeout 150 python3 bench/vision_tower.py --json vision_tower_h200.json 2>&1 | grep -v Warning ;;
-  53) bash "$0" 48 ;;
   54) # the committed code's GPU tests (pigg's training code unchanged since part 46)
       kernel_tests ;;
 esac

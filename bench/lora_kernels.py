@@ -1,8 +1,8 @@
 """One adapted layer's forward and backward on the 8B's shapes, with torch's dropout (drawn again in the
 backward) and with pigg.lora_kernels; the kernels' own time at several tile sizes, and without dropout
 (what drawing the mask costs in them). Then q, k and v as one node against three (x's gradient summed
-by autograd), the grouped backward kernel's tiles, and B's sum (`add_b`) against cuBLAS's addmm_ on
-each of the 8B's output widths.
+by autograd), the grouped backward kernel's tiles and its time with the mask or x's gradient left out,
+and B's sum (`add_b`) against cuBLAS's addmm_ on each of the 8B's output widths.
 
     python3 bench/lora_kernels.py [--json lora_kernels.json]
 
@@ -139,10 +139,18 @@ def qkv_group() -> dict:
             x.detach(), grad_hidden, a_, P, SCALE, 0, 0, grad_x=grad_x, adapters=3, splits=t[0], block_n=t[1],
             block_k=t[2], warps=t[3], stages=t[4]))
         for t in GROUP_TILES}
+    # what the default tiles spend on the mask and on x's gradient: each left out in turn
+    row["backward_parts_ms"] = {
+        f"{'dropout' if p else 'no dropout'}, {'x gradient' if into is not None else 'A only'}": gpu_ms(
+            lambda p=p, into=into: lora_kernels.dropout_a_backward(x.detach(), grad_hidden, a_, p, SCALE, 0, 0,
+                                                                   grad_x=into, adapters=3))
+        for p in (P, 0.0) for into in (grad_x, None)}
     print(f"q, k and v forward + backward with the kernels: one node {row['one_node_ms']:.3f} ms, three nodes "
           f"{row['three_nodes_ms']:.3f} ms; grouped forward kernel {row['forward_ms']:.3f} ms")
     print("  grouped backward tiles (splits x block_n x block_k x warps x stages): "
           + ", ".join(f"{t} {ms:.3f}" for t, ms in row["backward_tiles_ms"].items()))
+    print("  grouped backward at the default tiles: "
+          + ", ".join(f"{part} {ms:.3f}" for part, ms in row["backward_parts_ms"].items()))
     return row
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU's runs, in parts of under 10 minutes each (the device tool's limit per command; parts 1-5 ran
-# on H100s, 6-25 and 27-54 on an H200, 26 not run): bash bench/session_1gpu.sh 1..54. Each variant runs in a
+# on H100s, 6-25 and 27-55 on an H200, 26 not run): bash bench/session_1gpu.sh 1..55. Each variant runs in a
 # process of its own (Liger's patches and compiled graphs stay in a process) and writes
 # $OUT/train_throughput_VARIANT[SUFFIX].json.
 set -u
@@ -220,4 +220,6 @@ case "${1:-1}" in
       timeout 150 python3 bench/vision_tower.py --json vision_tower_h200.json 2>&1 | grep -v Warning ;;
   54) # the committed code's GPU tests (pigg's training code unchanged since part 46)
       kernel_tests ;;
+  55) # where the grouped backward's time goes: with the mask or x's gradient left out
+      timeout 200 python3 bench/lora_kernels.py --json lora_kernels_h200.json 2>&1 | grep -v Warning ;;
 esac

@@ -229,7 +229,7 @@ def python_self_time(trace: dict, rows: int = 25) -> str:
     for e in ordered:
         while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) <= e["ts"]:
             stack.pop()
-        if stack:
+        if stack and id(stack[-1]) in callers:  # a Python call's time less what it encloses
             self_us[id(stack[-1])] -= e.get("dur", 0)
         if e.get("cat") == "python_function":
             self_us[id(e)] += e.get("dur", 0)
@@ -237,8 +237,7 @@ def python_self_time(trace: dict, rows: int = 25) -> str:
         stack.append(e)
     by_key = collections.Counter()
     for key, us in self_us.items():
-        if key in callers:
-            by_key[callers[key]] += us
+        by_key[callers[key]] += us
     total = sum(by_key.values())
     lines = [f"Python self time on the launching thread: {total / 1e3:.2f} ms over {STOP - START} steps; "
              "the most, by function < caller (ms):"]

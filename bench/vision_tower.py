@@ -12,6 +12,7 @@ and v costs copies that are timed apart: a padded qkv projection (rows of zeros 
 write them padded.
 """
 import argparse
+import contextlib
 import json
 import os
 
@@ -36,9 +37,7 @@ def heads(head_dim: int):
 
 
 def attend(q, k, v, backend=None):
-    if backend is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=HEAD_DIM ** -0.5)
-    with sdpa_kernel([backend]):
+    with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
         return F.scaled_dot_product_attention(q, k, v, scale=HEAD_DIM ** -0.5)
 
 
@@ -85,7 +84,7 @@ def main() -> None:
                 continue
             ms = gpu_ms(lambda: attend(q, k, v, backend))
             err = (out[..., :HEAD_DIM].float() - reference).abs().max().item()
-            pad = (out[..., HEAD_DIM:].abs().max().item() if head_dim > HEAD_DIM else 0.0)
+            pad = out[..., HEAD_DIM:].abs().max().item() if head_dim > HEAD_DIM else 0.0
             rows.append(dict(head_dim=head_dim, backend=name, ms=ms, tflops_at_72=tflops(ms),
                              max_abs_diff_from_math=err, max_abs_padding_out=pad))
             print(f"head size {head_dim:3d} {name:9s} {ms:.3f} ms ({tflops(ms)} TFLOP/s at 72), "
@@ -93,10 +92,11 @@ def main() -> None:
     q, k, v = heads(HEAD_DIM)
     pad_ms = {d: gpu_ms(lambda d=d: [F.pad(x, (0, d - HEAD_DIM)) for x in (q, k, v)]) for d in PADDED}
     print("padding q, k and v with zeros (copies): " + ", ".join(f"to {d} {ms:.3f} ms" for d, ms in pad_ms.items()))
+    mlp_row = mlp()  # before the file is opened: a failure leaves no empty result behind
     with open(os.path.join(os.environ.get("OUT", "."), args.json), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                        shape=dict(images=IMAGES, patches=PATCHES, heads=HEADS, head_dim=HEAD_DIM),
-                       attention=rows, pad_copies_ms=pad_ms, mlp=mlp()), f, indent=1)
+                       attention=rows, pad_copies_ms=pad_ms, mlp=mlp_row), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Do `train.torch_compile`'s compiled decoder layers give the LoRA gradients that eager layers give?
+"""Do `fast.torch_compile`'s compiled decoder layers give the LoRA gradients that eager layers give?
 
 On an H100 the compiled run's LoRA loss fell faster than eager's from step 3 (12.33 vs 12.97), while
 full fine-tuning compiled matched eager; the CPU tests (fp32 and bf16 autocast) find no difference.
@@ -40,13 +40,16 @@ from types import SimpleNamespace
 import torch
 
 from phone_8b import phone_users_and_8b
-from pigg.collate import TrainCollator
+from pigg.data.collate import TrainCollator
 from pigg.config import DataConfig, LoraSettings, ModelConfig
-from pigg.data import load_samples
-from pigg.model import load_model, prepare_model
-from pigg.processor import load_processor
-from pigg.tiny import make_config_folder
-from pigg.train import adapter_input_casts, compile_decoder_layers, device, supervised_loss
+from pigg.data.samples import load_samples
+from pigg.model.loading import load_model, prepare_model
+from pigg.data.processor import load_processor
+from pigg.offline.tiny import make_config_folder
+from pigg.fast import adapter_input_casts
+from pigg.fast.compile import compile_decoder_layers
+from pigg.model.loading import device
+from pigg.trainer import supervised_loss
 
 MICRO_BATCH = 4
 FIRST_UPDATE = 5e-5  # |B| after the first AdamW step at lr 1e-4 halved by warm-up (bench/train_throughput.py)
@@ -167,7 +170,7 @@ def first_update_losses(model, batch, first_step: dict) -> dict:
 
 
 def main():
-    from pigg.architectures import tiny_qwen3_vl_config
+    from pigg.model.architectures import tiny_qwen3_vl_config
 
     root = Path(tempfile.mkdtemp(prefix="pigg_compile_grads_"))
     model_dir, data_dir = phone_users_and_8b(root, 1, MICRO_BATCH)

@@ -18,11 +18,11 @@ import torch
 
 from phone_8b import phone_users_and_8b
 from pigg import config as C
-from pigg.data import load_samples
+from pigg.data.samples import load_samples
 import pigg.evaluate as E
 from pigg.evaluate import evaluate
-from pigg.model import load_model
-from pigg.processor import load_processor
+from pigg.model.loading import load_model
+from pigg.data.processor import load_processor
 
 BASELINE = {"seed_loop_bs1": 0.56, "naive_bs32": 9.52}
 NEW_TOKENS = 40

@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader
 
 from phone_8b import phone_users_and_8b
 from pigg import config as C
-from pigg.collate import sample_length
-from pigg.data import load_samples
+from pigg.data.collate import sample_length
+from pigg.data.samples import load_samples
 from pigg.evaluate import PromptCollator, generate_batch, length_batches, prompt_and_truth
-from pigg.model import load_model
-from pigg.processor import load_processor
+from pigg.model.loading import load_model
+from pigg.data.processor import load_processor
 
 
 def timed(fn, repeat=2):

@@ -1,5 +1,5 @@
 """One adapted layer's forward and backward on the 8B's shapes, with torch's dropout (drawn again in the
-backward) and with pigg.lora_kernels; the kernels' own time at several tile sizes, and without dropout
+backward) and with pigg.fast.kernels.lora; the kernels' own time at several tile sizes, and without dropout
 (what drawing the mask costs in them). Then q, k and v as one node against three (x's gradient summed
 by autograd), the grouped backward kernel's tiles and its time with the mask or x's gradient left out,
 and B's sum (`add_b`) against cuBLAS's addmm_ on each of the 8B's output widths.
@@ -17,8 +17,8 @@ import os
 
 import torch
 
-from pigg import lora_kernels
-from pigg.lora import AdaptedLinears
+from pigg.fast.kernels import lora as lora_kernels
+from pigg.fast.lora import AdaptedLinears
 
 ROWS, RANK, P, SCALE = 8576, 8, 0.1, 4.0
 LAYERS = {"q_proj": (4096, 4096), "down_proj": (12288, 4096)}

@@ -1,7 +1,7 @@
 """Two memory-bound kernels of a LoRA step on the 8B's shapes: RMSNorm's backward with a frozen weight,
-Liger's (one program per SM) against pigg.rms_norm's input gradient (one tile of rows a program); and
+Liger's (one program per SM) against pigg.fast.kernels.rms_norm's input gradient (one tile of rows a program); and
 the vision tower's rotary embedding, Liger's (q and k copied to contiguous memory, rotated in place)
-and the stock function's (float32 copies) against pigg.vision.rotary at several tiles.
+and the stock function's (float32 copies) against pigg.fast.kernels.rotary at several tiles.
 
     python3 bench/norm_and_rotary.py [--json norm_and_rotary.json]
 
@@ -17,7 +17,9 @@ import os
 import torch
 from lora_kernels import gpu_ms
 
-from pigg import rms_norm, vision
+from pigg.fast.kernels import rms_norm
+
+from pigg.fast.kernels import rotary
 
 NORMS = {"hidden": (8576, 4096), "q_norm": (8576 * 32, 128), "k_norm": (8576 * 8, 128)}
 ROTARY = (30912, 16, 72)
@@ -45,7 +47,7 @@ def norms() -> list:
         results.append(dict(norm=name, shape=shape, liger_ms=stock, pigg_ms=ours, liger_tb_s=tb_s(nbytes, stock),
                             pigg_tb_s=tb_s(nbytes, ours)))
         print(f"RMSNorm backward {name} {shape}: Liger {stock:.3f} ms ({tb_s(nbytes, stock)} TB/s), "
-              f"pigg.rms_norm {ours:.3f} ms ({tb_s(nbytes, ours)} TB/s)")
+              f"pigg.fast.kernels.rms_norm {ours:.3f} ms ({tb_s(nbytes, ours)} TB/s)")
     return results
 
 
@@ -61,10 +63,10 @@ def rotary() -> dict:
     stock = gpu_ms(lambda: modeling_qwen3_vl.apply_rotary_pos_emb_vision(query, key, cos, sin))
     liger = gpu_ms(lambda: liger_rotary_pos_emb(query.unsqueeze(0).transpose(1, 2), key.unsqueeze(0).transpose(1, 2),
                                                 cos, sin))
-    tiles = {f"{rows}x{warps}": gpu_ms(lambda r=rows, w=warps: vision.rotary(query, key, cos, sin, r, w))
+    tiles = {f"{rows}x{warps}": gpu_ms(lambda r=rows, w=warps: rotary.rotary(query, key, cos, sin, r, w))
              for rows, warps in ROTARY_TILES}
     row = dict(shape=ROTARY, stock_ms=stock, liger_ms=liger, pigg_tiles_ms=tiles)
-    print(f"vision rotary {ROTARY}: stock {row['stock_ms']:.3f} ms, Liger {row['liger_ms']:.3f} ms, pigg.vision.rotary "
+    print(f"vision rotary {ROTARY}: stock {row['stock_ms']:.3f} ms, Liger {row['liger_ms']:.3f} ms, pigg.fast.kernels.rotary "
           + ", ".join(f"{t} {ms:.3f} ms ({tb_s(nbytes, ms)} TB/s)" for t, ms in row["pigg_tiles_ms"].items())
           + " (rows a program x warps)")
     return row

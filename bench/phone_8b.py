@@ -3,9 +3,9 @@ tokens, about 1,054 tokens a sample) and a config folder of the real Qwen3-VL-8B
 `model.random_weights` builds with random weights on the GPU."""
 from pathlib import Path
 
-from pigg.architectures import qwen3_vl_8b_config
-from pigg.synth import synthesize
-from pigg.tiny import make_config_folder
+from pigg.model.architectures import qwen3_vl_8b_config
+from pigg.offline.synth import synthesize
+from pigg.offline.tiny import make_config_folder
 
 
 def phone_users_and_8b(root: Path, users: int, samples_per_user: int, seed: int = 0) -> tuple[Path, Path]:

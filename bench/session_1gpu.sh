@@ -90,7 +90,7 @@ case "${1:-1}" in
       # not run: no device time was left, and that backward was restored to the one tested here)
       timeout 60 python3 -m pytest -q -m gpu tests/test_gpu.py -k fused 2>&1 | grep -E "^E |passed|failed"
       variant pigg_default_lora_80gb 110 _lean_dropout_backward ;;
-  27) # each adapted layer one autograd node (pigg.lora.AdaptedLinear), the supervised positions from the
+  27) # each adapted layer one autograd node (pigg.fast.lora.AdaptedLinear), the supervised positions from the
       # DataLoader, the vision tower outside autocast
       timeout 200 python3 -m pytest -q -m gpu tests/test_gpu.py -k "fused or vision or waits" 2>&1 \
         | grep -E "^E |passed|failed"
@@ -118,16 +118,16 @@ case "${1:-1}" in
       variant pigg_default_lora_80gb 110 _grid_on_cpu
       variant pigg_default_lora 130 _grid_on_cpu
       timeout 150 python3 bench/profile_train_step.py gpu_memory_gib=79.2 2>&1 | tail -60 ;;
-  31) # the adapters' dropout and A in Triton kernels that draw the mask (pigg.lora_kernels), first version:
+  31) # the adapters' dropout and A in Triton kernels that draw the mask (pigg.fast.kernels.lora), first version:
       # 4 elements a Philox counter, larger tiles, since replaced. It ran part 33's commands (variant suffix
       # _lora_kernels); run now, they measure part 33's kernels.
-      echo "part 31 measured a kernel version no longer in pigg.lora_kernels: see its results; part 33 runs the same" ;;
+      echo "part 31 measured a kernel version no longer in pigg.fast.kernels.lora: see its results; part 33 runs the same" ;;
   32) # how the mask is drawn, with kernel versions since removed (results in
       # bench/results/{lora_kernels,train_throughput}_h200_part32.json): each Philox word masking one of 4
       # rows did not compile (Triton 3.6's LLVM lowering asserts); 4 neighbouring columns (24 bits each)
       # with part 31's timings' tiles trained 12.92 samples/s against 12.49 with torch's dropout; 8 (16 bits
       # each) timed faster per layer and is what pigg keeps
-      echo "part 32 measured kernel versions no longer in pigg.lora_kernels: see its results" ;;
+      echo "part 32 measured kernel versions no longer in pigg.fast.kernels.lora: see its results" ;;
   33) # 8 elements masked by each Philox counter, the tiles from part 32
       kernel_tests
       timeout 100 python3 bench/lora_kernels.py --json lora_kernels_h200.json 2>&1 | grep -v Warning
@@ -144,17 +144,17 @@ case "${1:-1}" in
       # profile_train_step_lora_80gb_mask_bits_h200.txt): the forward kernel writing the mask as bits that
       # the backward reads instead of drawing it again, and B's output added in the base matmul's epilogue.
       # The bits cost the forward more than they saved the backward; the epilogue was no faster.
-      echo "part 36 measured kernel versions no longer in pigg.lora_kernels: see its results" ;;
+      echo "part 36 measured kernel versions no longer in pigg.fast.kernels.lora: see its results" ;;
   37) # the forward kernel's tiles from part 36's timings over queued calls, A cast to bf16 once
       kernel_tests
       timeout 150 python3 bench/lora_kernels.py --json lora_kernels_h200.json 2>&1 | grep -v Warning
       variant pigg_default_lora_80gb 110 _forward_tiles
       variant pigg_default_lora_80gb_torch_dropout 110 ;;
-  38) # RMSNorm's input gradient for frozen weights in a row-parallel kernel (pigg.rms_norm), the vision
-      # tower's rotary embedding in one kernel from the fused qkv (pigg.vision.rotary) at 8 rows a program:
+  38) # RMSNorm's input gradient for frozen weights in a row-parallel kernel (pigg.fast.kernels.rms_norm), the vision
+      # tower's rotary embedding in one kernel from the fused qkv (pigg.fast.vision.rotary) at 8 rows a program:
       # the rotary kernel took 1.8 ms a layer, and training 12.54 samples/s (results in
       # bench/results/train_throughput_h200_part38.json, profile_train_step_lora_80gb_rotary_8_rows_h200.txt)
-      echo "part 38 measured a rotary kernel's tiles no longer in pigg.vision: see its results" ;;
+      echo "part 38 measured a rotary kernel's tiles no longer in pigg.fast.vision: see its results" ;;
   39) # the rotary kernel a row a program; both kernels timed over queued calls
       kernel_tests
       timeout 90 python3 bench/norm_and_rotary.py --json norm_and_rotary_h200.json 2>&1 | grep -v Warning
@@ -166,7 +166,7 @@ case "${1:-1}" in
       kernel_tests
       variant pigg_default_lora_80gb 110 _final_rms_norm_rotary ;;
   42) # q, k and v (gate and up) as one autograd node, their adapters' backward in one kernel; B's sum in
-      # a kernel of pigg.lora_kernels (add_b) instead of cuBLAS's addmm_
+      # a kernel of pigg.fast.kernels.lora (add_b) instead of cuBLAS's addmm_
       kernel_tests
       timeout 150 python3 bench/lora_kernels.py --json lora_kernels_h200.json 2>&1 | grep -v Warning
       variant pigg_default_lora_80gb 110 _siblings
@@ -208,13 +208,13 @@ case "${1:-1}" in
       # (ed57b1e: its src/ unpacked into old/ by `git archive ed57b1e src | tar -x -C old`): 13.45 against 13.69
       # samples/s, the packing costing the forward more than the backward saved (results in
       # bench/results/{lora_kernels,train_throughput}_h200_part50.json)
-      echo "part 50 measured a kernel version no longer in pigg.lora_kernels: see its results" ;;
+      echo "part 50 measured a kernel version no longer in pigg.fast.kernels.lora: see its results" ;;
   51) # the same with the bits packed straight from Philox's words and unpacked as the drawn mask is laid out:
       # the forward's kernel cost little more (grouped q, k, v 0.146 ms against 0.127 without bits; 0.291 with
       # part 50's packing), but the backward reading the bits was no faster than drawing them (0.244 against
       # 0.239 ms at the best tiles: Philox does not bound it), and training ran 13.54 against 13.81 samples/s
       # with 1.3 GiB more (results in bench/results/{lora_kernels,train_throughput}_h200_part51.json)
-      echo "part 51 measured a kernel version no longer in pigg.lora_kernels: see its results" ;;
+      echo "part 51 measured a kernel version no longer in pigg.fast.kernels.lora: see its results" ;;
   52) # the vision tower's MLP, GELU in fc1's epilogue against its own kernel: 0.508 against 0.584 ms for fc1 and
       # GELU, but 1.037 against 1.050 for the whole MLP (0.35 ms a step), so not adopted
       timeout 150 python3 bench/vision_tower.py --json vision_tower_h200.json 2>&1 | grep -v Warning ;;

@@ -166,10 +166,10 @@ def devicemap_child(model_dir: str, data_dir: str, steps: int) -> None:
     from accelerate.utils import get_balanced_memory
     from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
-    from pigg.collate import TrainCollator
+    from pigg.data.collate import TrainCollator
     from pigg.config import SEED_MAX_PIXELS, DataConfig
-    from pigg.data import load_samples
-    from pigg.processor import load_processor
+    from pigg.data.samples import load_samples
+    from pigg.data.processor import load_processor
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("cuda:0"):  # random init on one GPU, then spread as device_map="auto" would

@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from flops import mfu
 from phone_8b import phone_users_and_8b
 from pigg import config as C
-from pigg.demo import loss_curve
+from pigg.offline.demo import loss_curve
 from pigg.train import train
 
 SEED_RECIPE = dict(batch_size=1, grad_accum=8, gradient_checkpointing=True, logits_on_labels_only=False,
@@ -48,7 +48,7 @@ LEVERS = {  # one change to the seed recipe each
     "fused_adamw": dict(optimizer="adamw_torch_fused"),
     "torch_compile": dict(torch_compile=True),
     "bf16_adapter_inputs": dict(lora_input_fp32=False),
-    # pigg.lora's fused adapters take bf16 inputs: with the seed's float32 cast PEFT's forward runs
+    # pigg.fast.lora's fused adapters take bf16 inputs: with the seed's float32 cast PEFT's forward runs
     "fused_lora": dict(fused_lora=True, lora_input_fp32=False),
 }
 VARIANTS = {  # name: (method, settings, optimizer steps)
@@ -73,7 +73,7 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
     "pigg_default_lora_mb8_checkpointing": ("lora", {"batch_size": 8, "gradient_checkpointing": True}, 8),
     "pigg_default_lora_80gb": ("lora", {"gpu_memory_gib": 79.2}, 12),
     "pigg_default_full_80gb": ("full", {"gpu_memory_gib": 79.2}, 6),
-    # PEFT's adapter forward in place of pigg.lora's fused one (pigg's default before it)
+    # PEFT's adapter forward in place of pigg.fast.lora's fused one (pigg's default before it)
     "pigg_default_lora_peft": ("lora", {"fused_lora": False}, 16),
     "pigg_default_lora_80gb_peft": ("lora", {"gpu_memory_gib": 79.2, "fused_lora": False}, 12),
     # attention given the padding mask (masked kernel over repeated key/value heads; pigg's default before)
@@ -83,7 +83,7 @@ VARIANTS = {  # name: (method, settings, optimizer steps)
                                                    12),
     # the vision tower under the Trainer's autocast, as the seed runs it (float32 LayerNorms)
     "pigg_default_lora_80gb_vision_autocast": ("lora", {"gpu_memory_gib": 79.2, "vision_without_autocast": False}, 12),
-    # the adapters' dropout by torch's kernel, drawn again in the backward (pigg.lora without lora_kernels)
+    # the adapters' dropout by torch's kernel, drawn again in the backward (pigg.fast.lora without lora_kernels)
     "pigg_default_lora_80gb_torch_dropout": ("lora", {"gpu_memory_gib": 79.2, "lora_kernels": False}, 12),
 }
 # Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
@@ -181,8 +181,8 @@ def trl_variant(model_dir, data_dir, tokens) -> dict:
     from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
     from trl import SFTConfig, SFTTrainer
 
-    from pigg.data import load_samples
-    from pigg.model import lora_target_regex
+    from pigg.data.samples import load_samples
+    from pigg.model.loading import lora_target_regex
 
     samples, _ = load_samples(C.DataConfig(data_root=str(data_dir), users="1-8"))
     rows = []
@@ -230,9 +230,9 @@ def input_pipeline(model_dir, data_dir) -> dict:
     positions, padding to a multiple, bf16 pixels), micro-batch 8, no GPU."""
     from torch.utils.data import DataLoader
 
-    from pigg.collate import TrainCollator
-    from pigg.data import load_samples
-    from pigg.processor import load_processor
+    from pigg.data.collate import TrainCollator
+    from pigg.data.samples import load_samples
+    from pigg.data.processor import load_processor
 
     samples, _ = load_samples(C.DataConfig(data_root=str(data_dir), users="1-8"))
     t = C.TrainConfig()

@@ -7,7 +7,7 @@ runs it, against cuBLASLt's epilogue (torch._addmm_activation), which applies it
 
 8 screenshots of 3,864 patches, 16 heads of 72, each image attending to itself (one SDPA call of 8),
 bf16, forward only (the tower is frozen), q, k and v taken from the fused qkv projection's output as
-pigg.vision does. Times are the GPU's per call over queued calls (lora_kernels.gpu_ms). Padding q, k
+pigg.fast.vision does. Times are the GPU's per call over queued calls (lora_kernels.gpu_ms). Padding q, k
 and v costs copies that are timed apart: a padded qkv projection (rows of zeros in its weight) would
 write them padded.
 """

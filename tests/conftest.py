@@ -11,7 +11,7 @@ if importlib.util.find_spec("triton") and not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from pigg.tiny import make_tiny_checkpoint
+    from pigg.offline.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -21,8 +21,8 @@ def lora_model(tiny_dir):
     """The tiny model with the seed's LoRA (dropout 0.1) and non-zero B, so the adapters change the output
     (tests/test_lora.py, tests/test_lora_kernels.py)."""
     from pigg.config import LoraSettings, ModelConfig
-    from pigg.lora import adapted_layers
-    from pigg.model import load_model, prepare_model
+    from pigg.fast.lora import adapted_layers
+    from pigg.model.loading import load_model, prepare_model
 
     model = prepare_model(load_model(ModelConfig(name_or_path=str(tiny_dir)), "cpu"), "lora", LoraSettings())
     torch.manual_seed(1)
@@ -33,14 +33,14 @@ def lora_model(tiny_dir):
 
 @pytest.fixture(scope="session")
 def processor(tiny_dir):
-    from pigg.processor import load_processor
+    from pigg.data.processor import load_processor
 
     return load_processor(str(tiny_dir), max_pixels=200 * 400)
 
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
-    from pigg.synth import synthesize
+    from pigg.offline.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth")
     synthesize(root, 3, samples_per_user=8, seed=0, width=180, height=400)
@@ -49,7 +49,7 @@ def synth_root(tmp_path_factory):
 
 def losses(folder):
     """The training losses a run's newest checkpoint recorded, step by step."""
-    from pigg.demo import loss_curve
+    from pigg.offline.demo import loss_curve
 
     return [loss for _, loss in loss_curve(folder)]
 
@@ -65,6 +65,6 @@ def tiny_run_config(tiny_dir, data_root, out, **train):
     t.output_dir, t.log_dir = str(out), str(out / "logs")
     t.learning_rate, t.warmup_steps, t.grad_accum, t.max_steps = 1e-2, 0, 2, 4
     t.gradient_checkpointing, t.dataloader_workers, t.save_steps, t.logging_steps = False, 0, 2, 1
-    for key, value in train.items():
-        setattr(t, key, value)
+    for key, value in train.items():  # a speed switch goes to `fast`, the rest to `train`
+        setattr(cfg.fast if key in C.MOVED_TO_FAST else t, key, value)
     return cfg

@@ -10,7 +10,7 @@ import re
 import statistics
 from pathlib import Path
 
-from pigg.synth import format_answer, synthesize
+from pigg.offline.synth import format_answer, synthesize
 
 ANSWER = re.compile(r"```referring\n(.+)\n```\n```grounding\n\[(\d+), (\d+)\]\n```")
 COMMAND = re.compile(r"following instruction: (.*)\n\nThink step-by-step")

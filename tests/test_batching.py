@@ -8,7 +8,7 @@ import torch
 
 from conftest import losses, tiny_run_config
 from pigg import config as C
-from pigg.batching import GiB, estimator, plan_batch
+from pigg.model.batch_plan import GiB, estimator, plan_batch
 from pigg.train import train
 
 
@@ -31,7 +31,7 @@ def linear_estimate(static_gib, per_sample_gib, ckpt_per_sample_gib, grads_gib=0
 
 
 H100 = 79.2 * GiB
-# the memory model's numbers for the 8B at ~1,054 tokens (pigg.batching.estimator)
+# the memory model's numbers for the 8B at ~1,054 tokens (pigg.model.batch_plan.estimator)
 LORA_8B = linear_estimate(18.7, 9.3, 0.6)
 FULL_8B = linear_estimate(64.1, 6.95, 0.6, 15.3)
 
@@ -102,11 +102,11 @@ def test_memory_model_matches_the_measured_8b_runs():
     (part6/8/9/10/11) LoRA micro-batch 8 with 0, 11, 15 and 36 layers recomputed 87.5, 67.0, 59.5 and
     21.6, full FT micro-batch 4 with none 89.0, micro-batch 8 with 0, 10 and 34 98.9, 85.6 and 62.8. With
     Liger's SwiGLU (part12/14/15) LoRA micro-batch 8 with 0 and 11 layers recomputed 80.5 and 62.2, and with
-    pigg.lora's fused adapters 60.8 and, with 2, 58.6; full FT micro-batch 8 with 21 (part13) 67.9. The
+    pigg.fast.lora's fused adapters 60.8 and, with 2, 58.6; full FT micro-batch 8 with 21 (part13) 67.9. The
     model must cover them without wasting much."""
-    from pigg.architectures import qwen3_vl_8b_config
+    from pigg.model.architectures import qwen3_vl_8b_config
     from pigg.config import LoraSettings
-    from pigg.model import prepare_model
+    from pigg.model.loading import prepare_model
     from transformers import Qwen3VLForConditionalGeneration
 
     config = qwen3_vl_8b_config()
@@ -173,8 +173,8 @@ def test_adapter_inputs_stay_bf16_only_under_bf16_autocast(tiny_dir):
     from transformers import Qwen3VLForConditionalGeneration
 
     from pigg.config import LoraSettings
-    from pigg.model import prepare_model
-    from pigg.train import adapter_input_casts
+    from pigg.model.loading import prepare_model
+    from pigg.fast import adapter_input_casts
 
     model = prepare_model(Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir), "lora", LoraSettings())
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]

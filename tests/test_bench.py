@@ -36,7 +36,7 @@ def train_throughput(monkeypatch):
 
 
 def test_a_throughput_variant_reports_rate_plan_and_losses(train_throughput, tiny_dir, tmp_path, monkeypatch):
-    from pigg.synth import synthesize
+    from pigg.offline.synth import synthesize
 
     synthesize(tmp_path / "data", 8, samples_per_user=2, seed=0, width=180, height=400)  # users 1-8, as on the GPU
     settings = {"cudnn_attention": False, "lora.dropout": 0.0, "dataloader_workers": 0}
@@ -51,7 +51,7 @@ def test_a_throughput_variant_reports_rate_plan_and_losses(train_throughput, tin
 
 
 def test_cudnn_attention_switch_is_restored():
-    from pigg.train import cudnn_attention
+    from pigg.fast import cudnn_attention
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
     with cudnn_attention(not before):

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from pigg.config import DataConfig
-from pigg.data import DataError, find_user_files, load_samples, normalize_sample
-from pigg.pickles import UnsafePickleError, load_pickle
-from pigg.users import format_users, parse_users, seed_users_arg
+from pigg.data.samples import DataError, find_user_files, load_samples, normalize_sample
+from pigg.data.pickles import UnsafePickleError, load_pickle
+from pigg.data.users import format_users, parse_users, seed_users_arg
 
 
 def write_user(root, user, samples, protocol=4):

@@ -145,7 +145,7 @@ def test_train_and_seed_shim_relaunch_through_torchrun(monkeypatch):
 def test_strategy_and_trainer_arguments(tiny_dir):
     from transformers import Qwen3VLForConditionalGeneration
 
-    from pigg.batching import static_bytes
+    from pigg.model.batch_plan import static_bytes
 
     lora, full = C.TrainConfig(method="lora"), C.TrainConfig(method="full")
     assert (strategy(lora, 1), strategy(lora, 2), strategy(full, 1), strategy(full, 4)) == (

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import tiny_run_config
 from pigg import config as C
-from pigg.data import load_samples
+from pigg.data.samples import load_samples
 from pigg.evaluate import PromptCollator, evaluate, generate_batch, length_batches, prompt_and_truth, read_done
 from pigg.seed_cli import translate_eval
 

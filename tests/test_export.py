@@ -36,8 +36,8 @@ def lora_b(tiny_dir, synth_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch(processor, synth_root):
-    from pigg.collate import TrainCollator
-    from pigg.data import load_samples
+    from pigg.data.collate import TrainCollator
+    from pigg.data.samples import load_samples
 
     samples, _ = load_samples(C.DataConfig(data_root=str(synth_root), users="1", validation_workers=1))
     inputs = TrainCollator(processor, 4096)(samples[:2])
@@ -140,8 +140,8 @@ def test_full_fine_tuning_output_exports_with_the_same_logits(tiny_dir, synth_ro
 
 
 def other_architecture(folder, **text):
-    from pigg.architectures import tiny_qwen3_vl_config
-    from pigg.tiny import make_config_folder
+    from pigg.model.architectures import tiny_qwen3_vl_config
+    from pigg.offline.tiny import make_config_folder
 
     config = tiny_qwen3_vl_config()
     for key, value in text.items():

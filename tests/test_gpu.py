@@ -18,7 +18,7 @@ def need_cuda():
 def test_stock_processor_loads_the_saved_folder(tiny_dir):
     from transformers import AutoProcessor, Qwen3VLProcessor
 
-    from pigg.processor import has_torchvision, load_processor
+    from pigg.data.processor import has_torchvision, load_processor
 
     assert has_torchvision()
     assert isinstance(AutoProcessor.from_pretrained(tiny_dir), Qwen3VLProcessor)
@@ -50,7 +50,7 @@ def test_liger_swiglu_matches_the_stock_mlp_on_gpu(tiny_dir):
     pytest.importorskip("liger_kernel")
     from transformers import Qwen3VLForConditionalGeneration
 
-    from pigg.train import liger_kernels
+    from pigg.fast.liger import liger_kernels
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.bfloat16).cuda()
     mlp = model.model.language_model.layers[0].mlp
@@ -96,10 +96,10 @@ def test_fused_adapters_stay_within_bf16_rounding_on_gpu(tiny_dir):
 
 
 def test_fused_adapters_with_kernels_stay_within_bf16_rounding_on_gpu(tiny_dir):
-    """pigg.lora_kernels in the tiny model: without dropout, as close to float32 as PEFT's adapters;
+    """pigg.fast.kernels.lora in the tiny model: without dropout, as close to float32 as PEFT's adapters;
     with it, their own masks: the loss stays within a few % of PEFT's (B is small), A's gradients do not
     (other masks)."""
-    from pigg import lora_kernels
+    from pigg.fast.kernels import lora as lora_kernels
 
     assert lora_kernels.triton is not None
     assert_as_close_to_float32_as_peft(bf16_runs(tiny_dir, "cuda", 0.0, kernels=True))
@@ -110,7 +110,7 @@ def test_fused_adapters_with_kernels_stay_within_bf16_rounding_on_gpu(tiny_dir):
 
 
 def test_batched_vision_attention_within_bf16_rounding_on_gpu(tiny_dir, processor, monkeypatch):
-    """pigg.vision's batched calls on CUDA's kernels: the stock features within bf16 rounding."""
+    """pigg.fast.vision's batched calls on CUDA's kernels: the stock features within bf16 rounding."""
     from test_vision import stock_and_batched
 
     ((stock, _), (batched, calls)), layers = stock_and_batched(tiny_dir, processor, monkeypatch, "cuda", torch.bfloat16)
@@ -126,14 +126,14 @@ def test_vision_without_autocast_skips_float32_layer_norms_on_gpu(tiny_dir, proc
 
 
 def test_vision_rotary_skips_float32_copies_on_gpu(monkeypatch):
-    """pigg.vision's rotary embedding on bf16 q and k laid out as the fused qkv gives them: without
+    """pigg.fast.vision's rotary embedding on bf16 q and k laid out as the fused qkv gives them: without
     gradients its kernel gives the stock function's results (float32 copies in and out); with them,
     Liger's kernel gives its patch's; each within one bf16 rounding and the inputs left as they were."""
     pytest.importorskip("liger_kernel")
     from liger_kernel.transformers.rope import liger_rotary_pos_emb_vision
     from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-    from pigg.vision import _rotary, rotary_takes
+    from pigg.fast.vision import _rotary, rotary_takes
 
     length, heads, head_dim = 3000, 16, 72
     torch.manual_seed(0)

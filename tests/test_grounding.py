@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from pigg.grounding import Parsed, parse_answer, seed_point
+from pigg.grounding.parser import Parsed, parse_answer, seed_point
 
 CANONICAL = "```referring\nblue plus button\n```\n```grounding\n[311, 541]\n```"
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from pigg.config import LoraSettings
-from pigg.lora import adapted_layers, fused_adapters
-from pigg.model import prepare_model
-from pigg.train import checkpoint_layers
+from pigg.fast.lora import adapted_layers, fused_adapters
+from pigg.model.loading import prepare_model
+from pigg.model.batch_plan import checkpoint_layers
 
 
 IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -166,9 +166,9 @@ def test_fused_adapters_stay_within_bf16_rounding(tiny_dir):
 
 def test_fused_adapters_only_where_the_batch_plan_counts_on_them():
     """The memory model drops PEFT's dropout bytes exactly when training fuses the adapters."""
-    from pigg.config import TrainConfig
-    from pigg.train import fuse_adapters
+    from pigg.config import FastConfig
+    from pigg.fast import fuse_adapters
 
-    assert fuse_adapters(TrainConfig())
+    assert fuse_adapters(FastConfig())
     for off in ({"fused_lora": False}, {"torch_compile": True}, {"lora_input_fp32": True}):
-        assert not fuse_adapters(TrainConfig(**off)), off
+        assert not fuse_adapters(FastConfig(**off)), off

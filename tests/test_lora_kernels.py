@@ -1,4 +1,4 @@
-"""pigg.lora_kernels: the mask they draw, and the adapter's function and gradients with it. On the CPU
+"""pigg.fast.kernels.lora: the mask they draw, and the adapter's function and gradients with it. On the CPU
 the kernels run in Triton's interpreter; on a GPU (`pytest -m gpu`) as compiled."""
 import functools
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pigg import kernels, lora_kernels
-from pigg.lora import AdaptedLinears, adapted_layers
+from pigg.fast import kernels
+
+from pigg.fast.kernels import lora as lora_kernels
+from pigg.fast.lora import AdaptedLinears, adapted_layers
 from test_lora import loss_and_gradients
 
 triton = pytest.importorskip("triton")
@@ -108,7 +110,7 @@ def test_recomputed_forward_draws_the_same_mask(device, monkeypatch):
 
 
 def count_calls(monkeypatch, *names) -> list:
-    """The names of the pigg.lora_kernels functions called from now on, in order, each as often as the
+    """The names of the pigg.fast.kernels.lora functions called from now on, in order, each as often as the
     call's adapters (`adapters`: one unless given)."""
     calls = []
 
@@ -228,7 +230,7 @@ def test_compiled_kernels_give_the_adapter_with_their_mask_on_gpu():
 
 @pytest.mark.slow
 def test_training_with_kernels_follows_torchs_dropout(device, monkeypatch, tiny_dir, synth_root, tmp_path):
-    """train() with `train.lora_kernels` (interpreted here): without dropout the loss curve of torch's
+    """train() with `fast.lora_kernels` (interpreted here): without dropout the loss curve of torch's
     path; with the seed's dropout the same first loss (B starts at zero, so no mask shows in it) and a
     curve that other masks move only a little."""
     from conftest import losses, tiny_run_config

@@ -2,9 +2,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pigg.collate import TrainCollator, render, sample_length
-from pigg.data import Sample
-from pigg.masking import IGNORE_INDEX, assistant_labels, turn_tokens
+from pigg.data.collate import TrainCollator, render, sample_length
+from pigg.data.samples import Sample
+from pigg.data.masking import IGNORE_INDEX, assistant_labels, turn_tokens
 
 
 @pytest.fixture(scope="module")

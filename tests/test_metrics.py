@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pigg.metrics import (RADIUS, aggregate, distance, normalize_referring, referring_exact, referring_f1,
+from pigg.grounding.metrics import (RADIUS, aggregate, distance, normalize_referring, referring_exact, referring_f1,
                           score_sample, summarize)
 
 

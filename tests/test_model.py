@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import Qwen3VLForConditionalGeneration
 
-from pigg.architectures import qwen3_vl_8b_config
+from pigg.model.architectures import qwen3_vl_8b_config
 from pigg.config import LoraSettings
-from pigg.model import parameter_counts, part_of, prepare_model
+from pigg.model.loading import parameter_counts, part_of, prepare_model
 
 
 @pytest.mark.parametrize("method, trainable", [("lora", 21_823_488), ("full", 8_190_735_360)])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pigg import report
+from pigg.grounding import report
 from report_fixtures import PLANS, make_data, write_run
 
 CHROMIUM = Path("/usr/bin/chromium")

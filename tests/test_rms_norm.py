@@ -1,9 +1,10 @@
-"""pigg.rms_norm: RMSNorm's input gradient for frozen weights, against autograd's; on the CPU in
+"""pigg.fast.kernels.rms_norm: RMSNorm's input gradient for frozen weights, against autograd's; on the CPU in
 Triton's interpreter, on a GPU (`pytest -m gpu`) as compiled and in place of Liger's backward."""
 import pytest
 import torch
 
-from pigg import rms_norm
+from pigg.fast.kernels import rms_norm
+from pigg.fast.liger import wider_rms_norm_backward
 
 pytest.importorskip("triton")
 
@@ -52,13 +53,13 @@ def test_liger_backward_is_swapped_only_where_it_applies(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.ops", types.SimpleNamespace(rms_norm=liger))
     x = torch.ones(4, 8)
-    with rms_norm.wider_rms_norm_backward() as wider:
+    with wider_rms_norm_backward() as wider:
         assert wider and liger.rms_norm_backward is not stock
         assert liger.rms_norm_backward(x, x, torch.ones(8), torch.ones(4), 0.0, 0, 8, 4, True, None,
                                        needs_dw=False) == "Liger's" and calls == [False]
     assert liger.rms_norm_backward is stock
     liger.rms_norm_backward = other = lambda dY, X, W, RSTD: None  # noqa: E731
-    with rms_norm.wider_rms_norm_backward() as wider:
+    with wider_rms_norm_backward() as wider:
         assert not wider and liger.rms_norm_backward is other
 
 
@@ -78,11 +79,11 @@ def test_liger_rms_norm_takes_the_kernel_for_frozen_weights_on_gpu(shape, monkey
 
     def grads(weight, wider):
         x_ = x.clone().requires_grad_()
-        with rms_norm.wider_rms_norm_backward() if wider else torch.enable_grad():
+        with wider_rms_norm_backward() if wider else torch.enable_grad():
             liger.LigerRMSNormFunction.apply(x_, weight, 1e-6, 0.0, "llama", True).backward(dy.clone())
         return x_.grad, weight.grad
 
-    with rms_norm.wider_rms_norm_backward() as swapped:
+    with wider_rms_norm_backward() as swapped:
         assert swapped  # the liger-kernel installed has the backward this replaces
     frozen = torch.randn(shape[1], device="cuda", dtype=torch.bfloat16)
     (stock, _), (wider, _) = grads(frozen, False), grads(frozen, True)

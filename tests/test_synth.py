@@ -6,7 +6,7 @@ import re
 import pytest
 from PIL import Image
 
-from pigg import synth
+from pigg.offline import synth
 
 WIDTH, HEIGHT = 180, 400
 ANSWER = re.compile(r"```referring\n(.+)\n```\n```grounding\n\[(\d+), (\d+)\]\n```")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pigg import tokenizer as T
+from pigg.offline import tokenizer as T
 
 
 @pytest.fixture(scope="module")

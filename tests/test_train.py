@@ -128,9 +128,9 @@ def test_resume_after_kill_gives_the_same_weights(tiny_dir, synth_root, tmp_path
 def test_supervised_positions_loss_equals_the_models_own(tiny_dir, synth_root, processor):
     """At micro-batch 1 the loss and gradients are the model's own; over a micro-batch they are the mean
     of the samples' own losses (the seed's batch 1 x accumulation), with or without the logits shortcut."""
-    from pigg.collate import TrainCollator
-    from pigg.data import load_samples
-    from pigg.train import supervised_loss
+    from pigg.data.collate import TrainCollator
+    from pigg.data.samples import load_samples
+    from pigg.trainer import supervised_loss
 
     samples, _ = load_samples(C.DataConfig(data_root=str(synth_root), users="1", validation_workers=1))
     collate = TrainCollator(processor, 4096)
@@ -165,12 +165,12 @@ def test_supervised_positions_loss_equals_the_models_own(tiny_dir, synth_root, p
 
 
 def test_batches_without_padding_mask_give_the_same_loss_and_gradients(tiny_dir, synth_root, processor):
-    """`train.padding_mask` off: right-padded rows without the mask, with positions from the collator,
+    """`fast.padding_mask` off: right-padded rows without the mask, with positions from the collator,
     give the loss and gradients of the masked batch; the positions are the model's own. Padding to a
     multiple of 64 tokens changes nothing either; pixels cast by the collator are the model's cast."""
-    from pigg.collate import TrainCollator
-    from pigg.data import load_samples
-    from pigg.train import supervised_loss
+    from pigg.data.collate import TrainCollator
+    from pigg.data.samples import load_samples
+    from pigg.trainer import supervised_loss
 
     samples, _ = load_samples(C.DataConfig(data_root=str(synth_root), users="1", validation_workers=1))
     masked = TrainCollator(processor, 4096)(samples[:4])
@@ -206,9 +206,9 @@ def test_flop_estimate_is_the_stock_one(tiny_dir, processor, synth_root, tmp_pat
     """GlobalTrainer counts the parameters once; total_flos is what the stock Trainer computes."""
     from transformers import Trainer, TrainingArguments
 
-    from pigg.collate import TrainCollator
-    from pigg.data import load_samples
-    from pigg.train import GlobalTrainer
+    from pigg.data.collate import TrainCollator
+    from pigg.data.samples import load_samples
+    from pigg.trainer import GlobalTrainer
 
     samples, _ = load_samples(C.DataConfig(data_root=str(synth_root), users="1", validation_workers=1))
     model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir)
@@ -223,8 +223,8 @@ def test_a_step_counts_its_samples_without_the_device(tiny_dir, tmp_path):
     it); the losses it divides are tested against the stock Trainer's below."""
     from transformers import TrainingArguments
 
-    from pigg.batching import BatchPlan
-    from pigg.train import GlobalTrainer, training_arguments
+    from pigg.model.batch_plan import BatchPlan
+    from pigg.trainer import GlobalTrainer, training_arguments
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir)
     trainer = GlobalTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
@@ -242,9 +242,9 @@ def test_the_images_grid_reaches_the_model_on_the_cpu(tiny_dir, processor, synth
     the DataLoader and accelerate leave alone, and GlobalTrainer hands it to the model as a CPU tensor."""
     from transformers import TrainingArguments
 
-    from pigg.collate import TrainCollator
-    from pigg.data import load_samples
-    from pigg.train import GlobalTrainer
+    from pigg.data.collate import TrainCollator
+    from pigg.data.samples import load_samples
+    from pigg.trainer import GlobalTrainer
 
     samples, _ = load_samples(C.DataConfig(data_root=str(synth_root), users="1", validation_workers=1))
     batch = TrainCollator(processor, 4096, padding_mask=False, grid_on_cpu=True)(samples[:3])
@@ -259,7 +259,7 @@ def test_the_images_grid_reaches_the_model_on_the_cpu(tiny_dir, processor, synth
 
 
 def test_rope_positions_refuse_a_run_that_is_not_the_next_image():
-    from pigg.collate import rope_positions
+    from pigg.data.collate import rope_positions
 
     types = torch.tensor([[0, 0, 1, 1, 1, 1, 0]])
     assert rope_positions(types, torch.tensor([[1, 4, 4]]), 2)[:, 0].tolist() == \
@@ -297,7 +297,7 @@ def test_fast_path_trains_like_the_stock_trainer(tiny_dir, synth_root, tmp_path,
 
 
 def test_compiled_decoder_layers_train_like_eager(tiny_dir, synth_root, tmp_path):
-    """`train.torch_compile` (each decoder layer compiled in place, with checkpointing): the same losses
+    """`fast.torch_compile` (each decoder layer compiled in place, with checkpointing): the same losses
     and adapters as eager, under the same parameter names."""
     from torch._dynamo.utils import counters
 
@@ -320,21 +320,21 @@ def test_compiled_decoder_layers_train_like_eager(tiny_dir, synth_root, tmp_path
 
 
 def test_compile_is_refused_with_several_processes():
-    from pigg.train import check_compile
+    from pigg.fast.compile import check_compile
 
-    for method in ("lora", "full"):
-        t = C.TrainConfig(method=method, torch_compile=True)
-        check_compile(t, 1)
-        with pytest.raises(C.ConfigError, match="one process only"):
-            check_compile(t, 2)
-        t.torch_compile = False
-        check_compile(t, 2)
+    fast = C.FastConfig(torch_compile=True)
+    check_compile(fast, 1)
+    with pytest.raises(C.ConfigError, match="one process only"):
+        check_compile(fast, 2)
+    fast.torch_compile = False
+    check_compile(fast, 2)
 
 
 def test_checkpointing_some_layers_recomputes_only_those_and_changes_no_gradient(tiny_dir):
     from pigg.config import LoraSettings, ModelConfig
-    from pigg.model import load_model, prepare_model
-    from pigg.train import checkpoint_layers, unwrapped
+    from pigg.model.loading import load_model, prepare_model
+    from pigg.model.batch_plan import checkpoint_layers
+    from pigg.model.loading import unwrapped
 
     model = prepare_model(load_model(ModelConfig(name_or_path=str(tiny_dir)), "cpu"), "lora", LoraSettings(dropout=0.0))
     model.train()

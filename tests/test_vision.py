@@ -1,4 +1,4 @@
-"""pigg.vision: the frozen vision tower with fewer kernels and no waits for the GPU, and DeepStack without waits."""
+"""pigg.fast.vision: the frozen vision tower with fewer kernels and no waits for the GPU, and DeepStack without waits."""
 import contextlib
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
-from pigg.vision import batched_vision_attention
+from pigg.fast.vision import batched_vision_attention
 
 
 def stock_and_batched(tiny_dir, processor, monkeypatch, device="cpu", dtype=torch.float32):
@@ -46,11 +46,11 @@ def test_batched_vision_attention_gives_the_same_features_in_fewer_calls(tiny_di
 def test_batched_vision_attention_derives_from_each_grid_once(tiny_dir, processor, monkeypatch):
     """The tensors derived from the images' grid are computed once per distinct grid and given to the
     tower precomputed; its features are the ones it computes itself."""
-    import pigg.vision
+    import pigg.fast.vision
 
     calls = []
-    derive = pigg.vision.grid_tensors
-    monkeypatch.setattr(pigg.vision, "grid_tensors", lambda *args: calls.append(1) or derive(*args))
+    derive = pigg.fast.vision.grid_tensors
+    monkeypatch.setattr(pigg.fast.vision, "grid_tensors", lambda *args: calls.append(1) or derive(*args))
     rng = np.random.default_rng(0)
     visual = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir).eval().model.visual
     features = []
@@ -72,7 +72,7 @@ def test_batched_vision_attention_derives_from_each_grid_once(tiny_dir, processo
 
 
 def test_linear_patch_embedding_is_the_convolution(tiny_dir):
-    from pigg.vision import linear_patch_embedding
+    from pigg.fast.vision import linear_patch_embedding
 
     visual = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir).model.visual
     embed = visual.patch_embed
@@ -95,7 +95,7 @@ def test_batched_vision_attention_checks_the_patch_count(tiny_dir):
 def with_and_without_autocast(tiny_dir, processor, device="cpu"):
     """The bf16 tower's features under bf16 autocast, stock and with `vision_without_autocast`, and the
     dtype its first LayerNorm returned in each."""
-    from pigg.vision import vision_without_autocast
+    from pigg.fast.vision import vision_without_autocast
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 180, 3), dtype=np.uint8))
     inputs = processor.image_processor(images=[image, image], return_tensors="pt").to(device)
@@ -127,11 +127,11 @@ def test_deepstack_without_waits_gives_the_models_logits_and_gradients(tiny_dir,
     (float32), and the stock method is back afterwards."""
     from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-    import pigg.vision
+    import pigg.fast.vision
     from pigg import config as C
-    from pigg.collate import TrainCollator
-    from pigg.data import load_samples
-    from pigg.vision import deepstack_without_waits
+    from pigg.data.collate import TrainCollator
+    from pigg.data.samples import load_samples
+    from pigg.fast.vision import deepstack_without_waits
 
     samples, _ = load_samples(C.DataConfig(data_root=str(synth_root), users="1", validation_workers=1))
     batch = TrainCollator(processor, 4096)(samples[:2])
@@ -139,8 +139,8 @@ def test_deepstack_without_waits_gives_the_models_logits_and_gradients(tiny_dir,
     model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir)
     assert model.config.vision_config.deepstack_visual_indexes  # the tiny model has DeepStack layers
     stock, calls = modeling_qwen3_vl.Qwen3VLTextModel._deepstack_process, []
-    patch = pigg.vision._deepstack_process
-    monkeypatch.setattr(pigg.vision, "_deepstack_process", lambda *args: calls.append(1) or patch(*args))
+    patch = pigg.fast.vision._deepstack_process
+    monkeypatch.setattr(pigg.fast.vision, "_deepstack_process", lambda *args: calls.append(1) or patch(*args))
     results = []
     for patched in (False, True):
         embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
@@ -157,7 +157,7 @@ def test_deepstack_without_waits_gives_the_models_logits_and_gradients(tiny_dir,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_kernel_gives_the_stock_rotary_embedding(monkeypatch, dtype):
-    """pigg.vision's rotary kernel (interpreted here) on q and k as the fused qkv lays them out: the stock
+    """pigg.fast.kernels.rotary (interpreted here) on q and k as the fused qkv lays them out: the stock
     function's results (float32 arithmetic, one rounding to q's dtype), contiguous, the inputs untouched;
     `_rotary` takes it where no gradient is needed."""
     pytest.importorskip("triton")
@@ -165,7 +165,8 @@ def test_rotary_kernel_gives_the_stock_rotary_embedding(monkeypatch, dtype):
         pytest.skip("compiled on the GPU: test_vision_rotary_*_on_gpu")
     from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-    from pigg import kernels, vision
+    from pigg.fast import kernels, vision
+    from pigg.fast.kernels import rotary
 
     monkeypatch.setattr(kernels, "INTERPRET_ON_CPU", True)
     length, heads, head_dim = 37, 3, 12  # rows not a multiple of the kernel's; heads and half not powers of 2
@@ -175,11 +176,11 @@ def test_rotary_kernel_gives_the_stock_rotary_embedding(monkeypatch, dtype):
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     before = query.clone()
     expected = modeling_qwen3_vl.apply_rotary_pos_emb_vision(query, key, cos, sin)
-    assert vision.rotary_takes(query, key, cos, sin)
+    assert rotary.rotary_takes(query, key, cos, sin)
     got = vision._rotary(query, key, cos, sin)
     assert torch.equal(query, before)
     for a, b in zip(got, expected, strict=True):
         assert a.dtype == dtype and a.is_contiguous()
         # Triton's interpreter rounds to bf16 toward zero, CUDA to nearest: one bf16 step apart at most here
         torch.testing.assert_close(a, b, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
-    assert not vision.rotary_takes(query.requires_grad_(), key, cos, sin)  # the trained tower: autograd's ops
+    assert not rotary.rotary_takes(query.requires_grad_(), key, cos, sin)  # the trained tower: autograd's ops

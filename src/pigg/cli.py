@@ -68,24 +68,44 @@ def _parse_value(kind, text):
     return None if text.lower() == "none" else text
 
 
+SECTION_TITLES = {
+    "model": "model: the base model and its processor",
+    "lora": "lora: the adapters (with --lora)",
+    "data": "data: the users' files",
+    "train": "train: the optimisation",
+    "eval": "eval: generation and scoring",
+    "personalize": "personalize: per-user folds",
+    "fast": "fast: speed switches that keep the same mathematics (docs/performance.md; --fast.NAME false turns one off)",
+}
+
+
+def help_text(text: str | None) -> str | None:
+    return text.replace("%", "%%") if text else text  # argparse formats help with %
+
+
 def add_config_flags(parser, sections=("model", "lora", "data", "train")) -> None:
-    parser.add_argument("--config", help="YAML file with {model, lora, data, train} sections.")
-    for section in sections:
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(C.SECTIONS[section]):
-            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=None, metavar="V",
-                               type=lambda text, k=f.type: _parse_value(k, text), help=f.metadata.get("help"))
+    """The common short flags first, then one group of `--section.field` flags per section."""
+    common = parser.add_argument_group("common options")
+    common.add_argument("--config", help="YAML file with any of the sections below (examples in configs/); flags "
+                                         "win over it.")
     taken = set()
     for flag, section, name in ALIASES:
         if section in sections and flag not in taken:
             taken.add(flag)
-            kind = next(f.type for f in dataclasses.fields(C.SECTIONS[section]) if f.name == name)
-            parser.add_argument(flag, dest=f"{section}.{name}", default=None, metavar="V", help=f"same as --{section}.{name}",
-                                type=lambda text, k=kind: _parse_value(k, text))
+            f = next(f for f in dataclasses.fields(C.SECTIONS[section]) if f.name == name)
+            common.add_argument(flag, dest=f"{section}.{name}", default=None, metavar="V",
+                                help=help_text(f"{f.metadata['help']} (--{section}.{name})"),
+                                type=lambda text, k=f.type: _parse_value(k, text))
     for flag, (section, name, value) in SWITCHES.items():
         if section in sections:
-            parser.add_argument(flag, dest=f"{section}.{name}", action="store_const", const=value,
+            common.add_argument(flag, dest=f"{section}.{name}", action="store_const", const=value,
                                 default=None, help=f"set {section}.{name} = {value}")
+    for section in sections:
+        group = parser.add_argument_group(SECTION_TITLES[section])
+        for f in dataclasses.fields(C.SECTIONS[section]):
+            shown = argparse.SUPPRESS if f.metadata.get("hidden") else help_text(f.metadata.get("help"))
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=None, metavar="V",
+                               type=lambda text, k=f.type: _parse_value(k, text), help=shown)
 
 
 def config_from_args(args, defaults: dict | None = None) -> C.RunConfig:
@@ -113,7 +133,7 @@ def single_gpu_guard(env=os.environ) -> None:
 
 
 def add_launch_flags(parser) -> None:
-    group = parser.add_argument_group("processes (data parallelism; see README, 'Several GPUs')")
+    group = parser.add_argument_group("processes (data parallelism; docs/several_gpus.md)")
     group.add_argument("--gpus", default=None, metavar="LIST",
                        help="GPUs to use, e.g. 0 or 0,1,2,3 (sets CUDA_VISIBLE_DEVICES); with several, one process "
                             "per GPU is started through torch.distributed.run")
@@ -174,7 +194,7 @@ def cmd_personalize(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from pigg.report import write_report
+    from pigg.grounding.report import write_report
 
     labels = args.labels.split(",") if args.labels else None
     print(f"report written to {write_report(args.runs, args.out, labels=labels)}")
@@ -188,7 +208,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_data_validate(args) -> None:
-    from pigg.data import load_samples
+    from pigg.data.samples import load_samples
 
     cfg = config_from_args(args)
     load_samples(cfg.data)
@@ -196,13 +216,13 @@ def cmd_data_validate(args) -> None:
 
 
 def cmd_data_stats(args) -> None:
-    from pigg.stats import print_stats
+    from pigg.data.stats import print_stats
 
     print_stats(config_from_args(args))
 
 
 def cmd_data_synth(args) -> None:
-    from pigg.synth import synthesize
+    from pigg.offline.synth import synthesize
 
     paths = synthesize(args.out, args.users, samples_per_user=args.samples_per_user, seed=args.seed,
                        width=args.width, height=args.height)
@@ -210,13 +230,13 @@ def cmd_data_synth(args) -> None:
 
 
 def cmd_make_tiny(args) -> None:
-    from pigg.tiny import make_tiny_checkpoint
+    from pigg.offline.tiny import make_tiny_checkpoint
 
     print(f"tiny Qwen3-VL written to {make_tiny_checkpoint(args.out, seed=args.seed)}")
 
 
 def cmd_demo(args) -> None:
-    from pigg.demo import run_demo
+    from pigg.offline.demo import run_demo
 
     run_demo(args.out)
 
@@ -225,19 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pigg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="global fine-tuning (LoRA or full) on pooled users")
-    add_config_flags(p)
+    p = sub.add_parser("train", help="global fine-tuning (LoRA or full) on pooled users",
+                       usage="pigg train --data-root DIR [--users 11-83] [--lora | --full] [--config FILE.yaml] "
+                             "[options]")
+    add_config_flags(p, ("model", "lora", "data", "train", "fast"))
     add_launch_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a model (zero-shot, or with --adapter / --checkpoint) on held-out users")
+    p = sub.add_parser("eval", help="evaluate a model (zero-shot, or with --adapter / --checkpoint) on held-out users",
+                       usage="pigg eval --data-root DIR [--users 1-10] [--adapter DIR | --checkpoint DIR] [--out DIR] "
+                             "[options]")
     add_config_flags(p, ("model", "data", "eval"))
     add_launch_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("personalize", help="per-user K-fold fine-tuning from a global output, evaluated against "
-                                           "the zero-shot and global models")
-    add_config_flags(p, ("model", "lora", "data", "train", "eval", "personalize"))
+                                           "the zero-shot and global models",
+                       usage="pigg personalize --base GLOBAL_OUTPUT --data-root DIR [--users 1-10] [--folds 3] "
+                             "[options]")
+    add_config_flags(p, ("model", "lora", "data", "train", "eval", "personalize", "fast"))
     p.set_defaults(func=cmd_personalize)
 
     p = sub.add_parser("report", help="one self-contained HTML page comparing evaluation runs")
@@ -287,7 +313,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what a relaunch under torch.distributed.run repeats
-    from pigg.data import DataError
+    from pigg.data.samples import DataError
 
     try:
         args.func(args)

@@ -27,7 +27,7 @@ class ModelConfig:
     min_pixels: int | None = opt(None, "Smallest image area in pixels after resizing (None: the processor's).")
     max_pixels: int = opt(SEED_MAX_PIXELS, "Largest image area in pixels after resizing (seed: 1280*28*28).")
     random_weights: bool = opt(False, "Build the architecture from the folder's config.json with random weights "
-                                      "(benchmarks and tests only).")
+                                      "(benchmarks and tests only).", hidden=True)
 
 
 @dataclass
@@ -71,61 +71,54 @@ class TrainConfig:
                                                     "layers as the chosen micro-batch needs to fit; off on CPU).")
     gpu_memory_gib: float | None = opt(None, "GiB of the GPU a training process may use (None: all of it); the batch "
                                              "plan is chosen for it and PyTorch's allocator is capped there.")
-    logits_on_labels_only: bool = opt(True, "Compute lm_head and the loss only where a token is supervised "
-                                            "(the same loss; the 151,936-way logits elsewhere are wasted work).")
     save_steps: int = opt(500, "Save a resumable checkpoint every this many optimizer steps.")
     save_total_limit: int = opt(3, "Checkpoints to keep.")
     logging_steps: int = opt(10, "Log loss, learning rate and supervised tokens every this many steps.")
-    dataloader_workers: int = opt(8, "Processes that decode images and tokenize (0: in the main process); a 1080p "
-                                     "screenshot takes ~20 ms, so 8 feed even a fast GPU.")
-    liger_kernel: bool | None = opt(None, "Liger's fused RMSNorm, RoPE and SwiGLU kernels (None: on when liger-kernel "
-                                          "is installed, a GPU trains and torch_compile is off; pip install "
-                                          "'pigg[fast]').")
+    dataloader_workers: int = opt(8, "Processes that decode images and tokenize (0: in the main process).")
     optimizer: str = opt("adamw_torch_fused", "transformers' optimizer name (AdamW; the fused kernel by default).")
-    torch_compile: bool = opt(False, "Compile each decoder layer of the language model with torch.compile (one "
-                                     "graph serves all 36; the first step waits ~35 s). LoRA +13% on an H100 at "
-                                     "micro-batch 4, nothing on an H200 at 8. Its LoRA curve falls faster at first: "
-                                     "it keeps small adapter updates that eager bf16 rounds away (README, Training "
-                                     "speed). Liger stays off unless asked for; one process only.")
-    lora_input_fp32: bool = opt(False, "Cast each adapted layer's input to the adapters' float32 before the LoRA dropout "
-                                       "(PEFT's default); off, it stays bf16 under autocast: the same values after "
-                                       "autocast's cast, without two extra copies of every activation.")
-    fused_lora: bool = opt(True, "Apply each LoRA adapter with fewer passes over memory (pigg.lora): dropout and A in "
-                                 "one function that draws the dropout mask again in the backward instead of keeping "
-                                 "the dropped-out input (18 of LoRA's 60 activation bytes per token, layer and hidden "
-                                 "unit on the 8B), and B, scale and sum in one addmm; off, PEFT's forward. Not with "
-                                 "torch_compile, which fuses on its own, nor with lora_input_fp32.")
-    lora_kernels: bool = opt(True, "With fused_lora on a GPU: each adapter's dropout and A run in Triton kernels "
-                                   "(pigg.lora_kernels) that draw the mask inside them, from the CUDA generator's "
-                                   "seed and counters with the same keep probability (within 2^-17), not torch's "
-                                   "dropout draws; x is read once forward, once backward, and nothing is written at "
-                                   "its size but the input gradient. Off: torch's dropout, drawn again in the "
-                                   "backward.")
-    padding_mask: bool = opt(False, "Give attention the micro-batch's padding mask (the seed's way). Off, rows padded "
-                                    "on the right train with causal attention alone, which gives every real token "
-                                    "the same result, and the rotary positions come from the DataLoader workers: "
-                                    "SDPA's causal kernel with grouped key/value heads instead of a masked one.")
-    pad_to_multiple: int = opt(16, "Pad each micro-batch to a multiple of this many tokens (1: to its longest row). "
-                                   "Fewer distinct lengths, so cuDNN's attention plans and Triton's kernels are "
-                                   "built for a few instead of for most steps (~50 ms each on an H200); the "
-                                   "padding is never supervised.")
-    batched_vision_attention: bool = opt(True, "Attend a micro-batch's same-sized images in one SDPA call per vision "
-                                               "layer (pigg.vision) instead of image by image, with their lengths "
-                                               "read once per step instead of once per layer; the same attention.")
-    vision_without_autocast: bool = opt(True, "Run the frozen vision tower in bf16 outside the Trainer's bf16 "
-                                              "autocast (pigg.vision): its LayerNorms then skip autocast's float32 "
-                                              "copies of their inputs and outputs; the same values up to float32 "
-                                              "rounding. Off, under autocast as the seed runs it.")
-    cudnn_attention: bool = opt(True, "Let PyTorch's attention (SDPA) use cuDNN's kernels, its first choice on an H100; "
-                                      "off, Flash or the memory-efficient kernel (~7% slower on an H100). On random "
-                                      "inputs their gradients are as accurate (bench/attention_grads.py); turn it off "
-                                      "if a run's loss or gradients turn NaN (torch issue 196678).")
     seed: int = opt(42, "Random seed (data order, dropout, initialisation of adapters).")
     log_dir: str = opt("logs", "Folder for the run's text log.")
     resume: bool = opt(False, "Continue from the newest complete checkpoint in the output folder.")
     distributed: str = opt("auto", "With several processes (--gpus 0,1): ddp (every GPU holds the whole model) or fsdp "
                                    "(FSDP2: weights, gradients and optimizer state sharded over the GPUs); auto: ddp "
                                    "for LoRA, fsdp for full fine-tuning. Ignored with one process.")
+
+
+@dataclass
+class FastConfig:
+    """Speed switches. Each keeps the same mathematics as the stock code it replaces (torch_compile aside,
+    which is off by default); turn one off to rule it out when something looks wrong. docs/performance.md
+    says what each replaces and what it saves."""
+    liger_kernel: bool | None = opt(None, "Liger's fused RMSNorm, RoPE and SwiGLU kernels (None: on when liger-kernel "
+                                          "is installed, a GPU trains and torch_compile is off; pip install "
+                                          "'pigg[fast]').")
+    fused_lora: bool = opt(True, "Apply each LoRA adapter with fewer passes over memory (pigg.fast.lora): the dropout "
+                                 "mask is drawn again in the backward instead of keeping the dropped-out input. Off: "
+                                 "PEFT's forward. Not with torch_compile nor with lora_input_fp32.")
+    lora_kernels: bool = opt(True, "With fused_lora on a GPU: each adapter's dropout and A in Triton kernels "
+                                   "(pigg.fast.kernels.lora) that draw the mask inside them, with torch's keep "
+                                   "probability. Off: torch's dropout, drawn again in the backward.")
+    lora_input_fp32: bool = opt(False, "Cast each adapted layer's input to the adapters' float32 before the LoRA "
+                                       "dropout (PEFT's default). Off, it stays bf16 under autocast: the same values "
+                                       "after autocast's cast, without two extra copies of every activation.")
+    logits_on_labels_only: bool = opt(True, "Compute lm_head and the loss only where a token is supervised (the same "
+                                            "loss; the vocabulary-wide logits elsewhere are never used).")
+    padding_mask: bool = opt(False, "Give attention the micro-batch's padding mask (the seed's way). Off, rows padded "
+                                    "on the right train with causal attention alone, which gives every real token the "
+                                    "same result, and SDPA runs its causal kernel.")
+    pad_to_multiple: int = opt(16, "Pad each micro-batch to a multiple of this many tokens (1: to its longest row), so "
+                                   "attention and Triton kernels are planned for a few lengths instead of most steps; "
+                                   "the padding is never supervised.")
+    batched_vision_attention: bool = opt(True, "Attend a micro-batch's same-sized images in one SDPA call per vision "
+                                               "layer (pigg.fast.vision) instead of image by image; the same attention.")
+    vision_without_autocast: bool = opt(True, "Run the frozen vision tower in bf16 outside the Trainer's bf16 "
+                                              "autocast: its LayerNorms skip autocast's float32 copies; the same "
+                                              "values up to float32 rounding. Off: under autocast, as the seed runs it.")
+    cudnn_attention: bool = opt(True, "Let PyTorch's attention (SDPA) use cuDNN's kernels. Off: Flash or the "
+                                      "memory-efficient kernel. Turn it off if a run's loss or gradients turn NaN.")
+    torch_compile: bool = opt(False, "Compile each decoder layer of the language model with torch.compile (one graph "
+                                     "serves all of them; the first steps wait for it). Liger stays off unless asked "
+                                     "for; one process only.")
 
 
 @dataclass
@@ -157,10 +150,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
     personalize: PersonalizeSettings = field(default_factory=PersonalizeSettings)
+    fast: FastConfig = field(default_factory=FastConfig)
 
 
 SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig,
-            "eval": EvalSettings, "personalize": PersonalizeSettings}
+            "eval": EvalSettings, "personalize": PersonalizeSettings, "fast": FastConfig}
+# Older runs wrote the speed switches under `train`; their pigg_config.yaml still loads.
+MOVED_TO_FAST = {f.name for f in dataclasses.fields(FastConfig)}
 
 
 class ConfigError(ValueError):
@@ -181,7 +177,9 @@ def from_dict(data: dict, base: RunConfig | None = None, source: str = "config")
             continue
         names = {f.name for f in dataclasses.fields(SECTIONS[section])}
         for key, value in (values or {}).items():
-            if key not in names:
+            if section == "train" and key in MOVED_TO_FAST:
+                setattr(cfg.fast, key, value)
+            elif key not in names:
                 problems.append(f"{source}: unknown field '{section}.{key}'")
             else:
                 setattr(getattr(cfg, section), key, value)
@@ -205,8 +203,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     t, d, m, lo = cfg.train, cfg.data, cfg.model, cfg.lora
     if t.method not in ("lora", "full"):
         p.append(f"train.method must be 'lora' or 'full', got {t.method!r}")
-    for name in ("effective_batch", "batch_size", "grad_accum", "save_steps", "save_total_limit", "logging_steps",
-                 "pad_to_multiple"):
+    if cfg.fast.pad_to_multiple < 1:
+        p.append(f"fast.pad_to_multiple must be >= 1, got {cfg.fast.pad_to_multiple}")
+    for name in ("effective_batch", "batch_size", "grad_accum", "save_steps", "save_total_limit", "logging_steps"):
         if getattr(t, name) is not None and getattr(t, name) < 1:
             p.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if not t.learning_rate > 0:
@@ -241,7 +240,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if d.max_length < 64:
         p.append(f"data.max_length must be >= 64, got {d.max_length}")
     try:
-        from pigg.users import parse_users
+        from pigg.data.users import parse_users
 
         parse_users(d.users)
     except ValueError as e:

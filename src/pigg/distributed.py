@@ -18,7 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pigg.batching import world_size
+
+def world_size(env=os.environ) -> int:
+    return int(env.get("WORLD_SIZE", "1"))
 
 
 def rank(env=os.environ) -> int:

@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from pigg import config as C
-from pigg.collate import render, sample_length
-from pigg.data import Sample, images_of, load_samples, open_image
+from pigg.data.collate import render, sample_length
+from pigg.data.samples import Sample, images_of, load_samples, open_image
 from pigg.distributed import barrier, end_process_group, is_main, rank, start_process_group, world_size
-import pigg.metrics as M
+import pigg.grounding.metrics as M
 
 
 def prompt_and_truth(sample: Sample) -> tuple[Sample, str]:
@@ -236,9 +236,9 @@ def run_eval(cfg: C.RunConfig) -> dict:
 
 
 def _run_eval(cfg: C.RunConfig) -> dict:
-    from pigg.model import load_for_inference, resolve_checkpoint
-    from pigg.processor import load_processor
-    from pigg.train import device
+    from pigg.model.loading import load_for_inference, resolve_checkpoint
+    from pigg.data.processor import load_processor
+    from pigg.model.loading import device
 
     e = cfg.eval
     explicit_model = cfg.model.name_or_path if cfg.model.name_or_path != C.ModelConfig().name_or_path else None

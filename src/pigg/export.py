@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from pigg.config import ModelConfig
-from pigg.model import load_model
-from pigg.processor import load_processor, save_processor
+from pigg.model.loading import load_model
+from pigg.data.processor import load_processor, save_processor
 from pigg.provenance import write_provenance
 
 DTYPES = ("bfloat16", "float16", "float32")

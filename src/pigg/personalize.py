@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from pigg import config as C
-import pigg.metrics as M
+import pigg.grounding.metrics as M
 
 PERSONALIZE_DEFAULTS = {  # design.md section 3; the run's other settings are the global run's
     "data": {"users": "1-10"},
@@ -102,8 +102,8 @@ def personalize(cfg: C.RunConfig) -> Path:
 
 
 def _personalize(cfg: C.RunConfig) -> Path:
-    from pigg.data import load_samples
-    from pigg.processor import load_processor
+    from pigg.data.samples import load_samples
+    from pigg.data.processor import load_processor
     from pigg.train import check_lengths, print_config
 
     ps = cfg.personalize
@@ -137,7 +137,7 @@ def _personalize(cfg: C.RunConfig) -> Path:
         model = run_fold(model, start, processor, train_part, test_part, sizes, tokens, cfg,
                          out / f"user_{user}" / f"fold_{k}")
     write_summaries(out, by_user, splits)
-    from pigg.report import write_report
+    from pigg.grounding.report import write_report
 
     report = write_report([out / m for m in MODELS], out / "report.html", labels=list(MODELS))
     print(f"personalize: report {report}")
@@ -173,8 +173,8 @@ def write_splits(path: Path, by_user: dict, splits: dict, ps) -> None:
 
 def load_base(cfg: C.RunConfig, name_or_path: str, adapter: str | None = None):
     """A model with the run's settings from `name_or_path`, an adapter merged into it if given."""
-    from pigg.model import load_for_inference
-    from pigg.train import device
+    from pigg.model.loading import load_for_inference
+    from pigg.model.loading import device
 
     return load_for_inference(dataclasses.replace(cfg.model, name_or_path=name_or_path), adapter, device())
 
@@ -188,7 +188,7 @@ def load_global(cfg: C.RunConfig, base_model: str, global_adapter: str | None):
 
 def llm_copy(model) -> dict:
     """The language model's weights in CPU memory: what full personalization restores before each fold."""
-    from pigg.model import part_of
+    from pigg.model.loading import part_of
 
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if part_of(k) == "llm"}
 
@@ -208,10 +208,11 @@ def run_fold(model, start, processor, train_part, test_part, sizes, tokens, cfg,
     """Train one user's fold from the global weights, save it, evaluate it; return the global model."""
     from transformers import set_seed
 
-    from pigg.model import apply_lora, freeze_vision, train_full_llm
-    from pigg.processor import save_processor
+    from pigg.model.loading import apply_lora, freeze_vision, train_full_llm
+    from pigg.data.processor import save_processor
     from pigg.provenance import write_provenance
-    from pigg.train import checkpoint_to_resume, fit
+    from pigg.train import fit
+    from pigg.trainer import checkpoint_to_resume
 
     if (fold_dir / "fold.json").is_file():
         print(f"personalize: {fold_dir} finished earlier; skipped")

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from pigg.users import seed_users_arg
+from pigg.data.users import seed_users_arg
 
 
 def translate_finetune_global(argv: list[str]) -> tuple[dict, list[str]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import AutoProcessor, AutoTokenizer, Qwen3VLProcessor
 
-from pigg.tokenizer import CHAT_TEMPLATE
+from pigg.offline.tokenizer import CHAT_TEMPLATE
 
 QWEN3_VL_IMAGE_SETTINGS = dict(
     patch_size=16, temporal_patch_size=2, merge_size=2,
@@ -88,7 +88,7 @@ def set_resolution(processor, min_pixels: int | None, max_pixels: int | None) ->
 
 def make_processor(min_pixels: int = 65536, max_pixels: int = 1280 * 28 * 28):
     """A Qwen3-VL processor from the offline tokenizer, for building test and demo checkpoints."""
-    from pigg.tokenizer import build_qwen_tokenizer
+    from pigg.offline.tokenizer import build_qwen_tokenizer
 
     image_processor = pil_image_processor(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
     return ImageOnlyQwen3VLProcessor(image_processor, build_qwen_tokenizer(), chat_template=CHAT_TEMPLATE)

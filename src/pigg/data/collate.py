@@ -8,8 +8,8 @@ import itertools
 
 import torch
 
-from pigg.data import Sample, images_of, open_image
-from pigg.masking import IGNORE_INDEX, assistant_labels, turn_tokens
+from pigg.data.samples import Sample, images_of, open_image
+from pigg.data.masking import IGNORE_INDEX, assistant_labels, turn_tokens
 
 
 def render(processor, messages: list, add_generation_prompt: bool = False) -> str:
@@ -77,7 +77,7 @@ class TrainCollator:
     (`supervised_index`; `pigg.train.supervised_loss` computes logits there only), found here rather
     than on the GPU, where finding them makes the CPU wait for the GPU at the start of every forward.
     With `grid_on_cpu` (and no padding mask: the model then needs the grid for nothing but the vision
-    tower, `pigg.vision.batched_vision_attention`), the images' grid also comes as numbers, which the
+    tower, `pigg.fast.vision.batched_vision_attention`), the images' grid also comes as numbers, which the
     DataLoader and accelerate leave on the CPU (`pigg.train.GlobalTrainer`).
     """
 

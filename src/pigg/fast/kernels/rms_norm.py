@@ -11,15 +11,12 @@ Here they take 6.5 ms, at 3.5-3.7 TB/s on the larger ones (..._rms_norm_rotary_h
 `input_grad` computes Liger's "llama" casting mode's gradient for x (the mode Liger patches Qwen3-VL
 with) from the same saved tensors, one tile of rows a program over a grid of thousands:
     dx = rstd * m - rstd^3 / n * sum(m * x) * x,   m = dy * w in float32, x in float32,
-rounded to x's dtype once. `wider_rms_norm_backward` has Liger's RMSNorm use it wherever the weight
-gets no gradient on a GPU, and Liger's own backward elsewhere (bench/norm_and_rotary.py times both).
+rounded to x's dtype once. `pigg.fast.liger.wider_rms_norm_backward` has Liger's RMSNorm use it wherever
+the weight gets no gradient on a GPU, and Liger's own backward elsewhere (bench/norm_and_rotary.py times both).
 """
-import contextlib
-import inspect
-
 import torch
 
-from pigg.kernels import tl, triton
+from pigg.fast.kernels import tl, triton
 
 ELEMENTS = 8192  # per program: 2 rows of 4,096 or 64 of 128
 
@@ -60,33 +57,3 @@ def input_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: to
         dy, x, weight, rstd, out, n_rows, n_cols, dy.stride(0), x.stride(0), out.stride(0), float(offset),
         BLOCK_ROWS=rows, BLOCK_COLS=cols, num_warps=min(32, max(4, rows * cols // 1024)))
     return out
-
-
-@contextlib.contextmanager
-def wider_rms_norm_backward():
-    """While in the block, Liger's RMSNorm backward (a process-wide function of liger_kernel.ops.rms_norm,
-    put back after) takes `input_grad` where the weight gets no gradient, the casting mode is llama's and
-    the input is on a GPU; else its own kernels. Yields whether it does: a liger-kernel whose function
-    takes other arguments keeps its own backward."""
-    from liger_kernel.ops import rms_norm as liger
-
-    stock = liger.rms_norm_backward
-    expected = ["dY", "X", "W", "RSTD", "offset", "casting_mode", "BLOCK_SIZE", "num_warps", "in_place", "row_mode",
-                "needs_dw"]  # the arguments `backward` below takes
-    if list(inspect.signature(stock).parameters) != expected:
-        yield False
-        return
-    llama = liger._str_to_casting_mode["llama"]
-
-    def backward(dY, X, W, RSTD, offset, casting_mode, BLOCK_SIZE, num_warps, in_place, row_mode, needs_dw=None):
-        if not X.is_cuda or W is None or needs_dw is not False or casting_mode != llama:
-            return stock(dY, X, W, RSTD, offset, casting_mode, BLOCK_SIZE, num_warps, in_place, row_mode, needs_dw)
-        rows = dY.reshape(-1, dY.shape[-1])
-        dx = input_grad(rows, X.reshape(rows.shape), W, RSTD, offset, out=rows if in_place is True else None)
-        return dx.view(dY.shape), None
-
-    liger.rms_norm_backward = backward
-    try:
-        yield True
-    finally:
-        liger.rms_norm_backward = stock

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pigg.pickles import load_pickle
-from pigg.users import format_users, parse_users
+from pigg.data.pickles import load_pickle
+from pigg.data.users import format_users, parse_users
 
 SUFFIXES = (".pkl", ".jsonl")
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import torch
 
-from pigg.architectures import tiny_qwen3_vl_config
-from pigg.processor import make_processor, save_processor
+from pigg.model.architectures import tiny_qwen3_vl_config
+from pigg.data.processor import make_processor, save_processor
 
 
 def make_tiny_checkpoint(path, seed: int = 0) -> Path:

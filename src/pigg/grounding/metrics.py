@@ -22,7 +22,7 @@ import statistics
 import unicodedata
 from collections import Counter
 
-from pigg.grounding import parse_answer, seed_point
+from pigg.grounding.parser import parse_answer, seed_point
 
 RADIUS = 140.0
 SUMMARY_KEYS = ("click_acc_140", "mean_l2", "median_l2", "parse_failure_rate", "referring_exact",

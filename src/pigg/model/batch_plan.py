@@ -12,7 +12,7 @@ H200 (8B, bench/results/train_throughput_h200_part*.json) LoRA micro-batch 8 tra
 4 x 2 at 7.99, 8 with all 36 layers recomputed at 7.17 (~1.1% a layer). So LoRA takes the largest
 micro-batch that fits with at most a third of the layers recomputed: planned for an H100's 79.2 GiB,
 micro-batch 8 with 11 layers recomputed trained at 8.92 against 7.77 for 4 x 2 (part10); with
-pigg.lora's fused adapters, which keep a fifth less, it needs none and trains at 9.35-10.00 (part16/18). Full
+pigg.fast.lora's fused adapters, which keep a fifth less, it needs none and trains at 9.35-10.00 (part16/18). Full
 fine-tuning keeps the GPU busy at micro-batch 4: micro-batch 8 with 10 layers recomputed trained at
 8.33 against 8.51 for 4 x 2 without, so it recomputes only where no micro-batch of 4 or more fits
 without.
@@ -21,14 +21,18 @@ The memory model is fitted to the 8B's measured peaks (bench/results/train_throu
 and optimizer state from the parameters themselves, and activations proportional to tokens x layers x
 hidden size.
 """
-import os
 from dataclasses import dataclass
+
+import torch
+
+from pigg import config as C
+from pigg.model.loading import device, unwrapped
 
 GiB = 1024 ** 3
 # Activation bytes kept per token, per decoder layer, per hidden unit, fitted to the 8B's peaks
 # (tests/test_batching.py lists them): 44 for a layer that keeps its activations (full FT; 42 for LoRA
 # without dropout), 60 for LoRA with PEFT's dropout (the dropped inputs and masks the adapters keep for
-# the backward; pigg.lora's fused adapters keep neither), 3 for a recomputed layer (its input), and
+# the backward; pigg.fast.lora's fused adapters keep neither), 3 for a recomputed layer (its input), and
 # 1.4 GiB besides. Rounded up for safety: 48, 48 + 16, 4 and HEADROOM. Liger's SwiGLU keeps the MLP's
 # gate and up projections only, not also the SiLU of the gate: 6 bytes less (12,288 bf16 values a token,
 # over 4,096 hidden units). With it LoRA measured 54 with PEFT's dropout and 37 with the fused adapters.
@@ -71,10 +75,6 @@ class BatchPlan:
                 f"{checkpointing} ({self.why})")
 
 
-def world_size(env=os.environ) -> int:
-    return int(env.get("WORLD_SIZE", "1"))
-
-
 def static_bytes(model, shards: int = 1) -> int:
     """Weights, plus gradients and AdamW's two moments for every trainable parameter; FSDP keeps
     1/`shards` of each on a GPU."""
@@ -90,7 +90,7 @@ def estimator(model, text_config, tokens_per_sample: int, shards: int = 1, keeps
               liger_swiglu: bool = False):
     """`estimate(micro_batch, checkpointed_layers, accumulation)`: the peak bytes a training step needs
     on one GPU. `keeps_dropped_inputs`: LoRA's adapters keep their dropped-out inputs for the backward
-    (PEFT's forward; pigg.lora's fused one draws the masks again instead). `liger_swiglu`: the MLP runs
+    (PEFT's forward; pigg.fast.lora's fused one draws the masks again instead). `liger_swiglu`: the MLP runs
     Liger's SiLU-and-product kernel."""
     static, grads = static_bytes(model, shards) + HEADROOM, gradient_bytes(model, shards)
     dropout = any(getattr(m, "p", 0) > 0 for name, m in model.named_modules() if name.endswith("lora_dropout.default"))
@@ -177,3 +177,47 @@ def _checkpointed(t, micro_batch: int, accumulation: int, estimate, device_memor
 def _fewest_that_fit(estimate, micro_batch: int, accumulation: int, choices, device_memory: int) -> int | None:
     """The first count of recomputed layers in `choices` at which the micro-batch fits, or None."""
     return next((k for k in choices if estimate(micro_batch, k, accumulation) <= USABLE * device_memory), None)
+
+
+def batch_plan(cfg, model, tokens_per_sample: int) -> BatchPlan:
+    """Micro-batch, accumulation and checkpointing for this run (chosen from GPU memory where not given)."""
+    from pigg.distributed import strategy, world_size
+    from pigg.fast import fuse_adapters
+    from pigg.fast.liger import liger_swiglu, use_liger
+
+    train_cfg, fast = cfg.train, cfg.fast
+    text_config = model.config.get_text_config()
+    shards = world_size() if strategy(train_cfg, world_size()) == "fsdp" else 1
+    swiglu = use_liger(fast.liger_kernel, fast.torch_compile) and liger_swiglu(text_config)
+    padded = -(-tokens_per_sample // fast.pad_to_multiple) * fast.pad_to_multiple  # the longest row
+    estimate = estimator(model, text_config, padded, shards,
+                         keeps_dropped_inputs=not fuse_adapters(fast), liger_swiglu=swiglu)
+    return plan_batch(train_cfg, world_size(), gpu_memory(train_cfg), estimate, text_config.num_hidden_layers)
+
+
+def gpu_memory(train_cfg) -> int | None:
+    """Bytes of the GPU this process may use (None on CPU). With `train.gpu_memory_gib` PyTorch's
+    allocator is capped there too, so that a run planned for less memory cannot use more."""
+    if device() != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if train_cfg.gpu_memory_gib is None:
+        return total
+    cap = int(train_cfg.gpu_memory_gib * GiB)
+    if cap > total:
+        raise C.ConfigError(f"train.gpu_memory_gib {train_cfg.gpu_memory_gib} exceeds this GPU's {total / GiB:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    return cap
+
+
+def checkpoint_layers(model, count: int) -> None:
+    """Recompute the activations of the first `count` decoder layers in the backward pass (all of them
+    when `count` is the number of layers); the other layers keep theirs."""
+    # transformers 5.24 renamed it (the old name still works there, with a warning)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    for i, layer in enumerate(unwrapped(model).model.language_model.layers):
+        layer.gradient_checkpointing = i < count

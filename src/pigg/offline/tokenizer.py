@@ -30,7 +30,7 @@ ADDED_TOKENS = [
     "<think>", "</think>",
 ]
 
-CHAT_TEMPLATE = resources.files("pigg").joinpath("chat_template.jinja").read_text()
+CHAT_TEMPLATE = resources.files("pigg.offline").joinpath("chat_template.jinja").read_text()
 
 
 def qwen_tiktoken_path() -> Path:

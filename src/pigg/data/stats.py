@@ -1,7 +1,7 @@
 """`pigg data stats`: a per-user summary of the data as the model will see it."""
-from pigg.collate import sample_length
-from pigg.data import images_of, load_samples
-from pigg.processor import load_processor
+from pigg.data.collate import sample_length
+from pigg.data.samples import images_of, load_samples
+from pigg.data.processor import load_processor
 
 
 def user_stats(processor, samples, sizes) -> dict[int, dict]:

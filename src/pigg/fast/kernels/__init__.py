@@ -1,4 +1,4 @@
-"""What pigg's Triton kernels (pigg.lora_kernels, pigg.rms_norm, pigg.vision.rotary) share: Triton
+"""What pigg's Triton kernels (pigg.fast.kernels.lora, pigg.fast.kernels.rms_norm, pigg.fast.vision.rotary) share: Triton
 itself, an optional dependency (CUDA builds of torch bring it), and where they run."""
 import os
 

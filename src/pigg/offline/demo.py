@@ -38,8 +38,8 @@ def demo_config(out: Path) -> C.RunConfig:
 
 
 def prepare(out: Path) -> None:
-    from pigg.synth import synthesize
-    from pigg.tiny import make_tiny_checkpoint
+    from pigg.offline.synth import synthesize
+    from pigg.offline.tiny import make_tiny_checkpoint
 
     if not (out / "data" / "users.json").is_file():
         t = time.time()

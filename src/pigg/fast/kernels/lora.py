@@ -1,6 +1,6 @@
 """Triton kernels for LoRA adapters' dropout, A and B's sum, the dropout mask drawn inside them.
 
-`pigg.lora.AdaptedLinears` without these drops x out with torch's dropout, a kernel that reads x and
+`pigg.fast.lora.AdaptedLinears` without these drops x out with torch's dropout, a kernel that reads x and
 writes the dropped-out copy and its mask; the backward draws them again and takes the adapter's input
 gradient through two more kernels (dropout's backward, the add into the base layer's). On the 8B that
 is 70-90 ms of a 0.63 s LoRA step on an H200 (bench/results/profile_train_step_*), all of it passes
@@ -26,8 +26,8 @@ import functools
 
 import torch
 
-from pigg import kernels
-from pigg.kernels import tl, triton
+from pigg.fast import kernels
+from pigg.fast.kernels import tl, triton
 
 
 def available(x: torch.Tensor) -> bool:

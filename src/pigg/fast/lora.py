@@ -2,7 +2,7 @@
 
 PEFT applies an adapter op by op, y = base(x) + B(A(dropout(x))) * scale, and keeps for the backward
 the dropped-out copy of every adapted layer's input with its mask: on the 8B 18 of the 60 bytes LoRA
-keeps per token, layer and hidden unit (pigg.batching). It also scales and adds each adapter's output
+keeps per token, layer and hidden unit (pigg.model.batch_plan). It also scales and adds each adapter's output
 in two passes of their own.
 
 `fused_adapters` computes the same function while training, each adapted layer as one autograd node
@@ -18,10 +18,10 @@ Each mask is drawn by the same dropout from the same generator in the same order
 values are PEFT's up to the order of float rounding (tests/test_lora.py). On the 8B in an H100's
 memory that leaves micro-batch 8 without recomputation: 9.35-10.00 samples/s on an H200 capped there,
 against 8.85 with PEFT's adapters and 11 layers recomputed (README, sixth run). With `kernels` on a
-GPU the dropout, A and B's sum run in `pigg.lora_kernels` instead, a node's adapters in one kernel
+GPU the dropout, A and B's sum run in `pigg.fast.kernels.lora` instead, a node's adapters in one kernel
 each way, which draw masks of the same keep probability from the same generator, not the same masks
 (README, tenth run: 12.46 to 13.21 samples/s on an H200; twelfth: 13.30 to 13.73). An input that PEFT
-would first cast to the adapters' float32 (the seed's `train.lora_input_fp32`) goes to PEFT's
+would first cast to the adapters' float32 (the seed's `fast.lora_input_fp32`) goes to PEFT's
 forward, as does a layer whose base weights are trained.
 """
 import contextlib
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pigg import lora_kernels
+from pigg.fast.kernels import lora as lora_kernels
 
 
 class AdaptedLinears(torch.autograd.Function):
@@ -45,7 +45,7 @@ class AdaptedLinears(torch.autograd.Function):
     the same order, and adds the adapters' input gradients into the base layers' in place: x's gradient
     is one tensor the layers' matmuls add into, not one a layer summed after. B, the scale and the sum
     are one addmm_ forward.
-    With `kernels` (and an input they take) dropout and A run in pigg.lora_kernels, all layers' in one
+    With `kernels` (and an input they take) dropout and A run in pigg.fast.kernels.lora, all layers' in one
     kernel each way, which keeps the masks' seed and counter for the backward instead of the
     generator's state; B's sum too (`lora_kernels.add_b`).
     The base layers are frozen: their weights and biases get no gradient; the adapters share p, scale
@@ -171,7 +171,7 @@ class Adapter:
     b: nn.Linear
     dropout: float
     scale: float
-    kernels: bool  # pigg.lora_kernels where they can take the input
+    kernels: bool  # pigg.fast.kernels.lora where they can take the input
 
 
 def fused_forward(layer, adapter: Adapter, x, *args, **kwargs):
@@ -277,7 +277,7 @@ def adapted_layers(model) -> list:
 @contextlib.contextmanager
 def fused_adapters(model, on: bool, kernels: bool = False):
     """While in the block, the model's LoRA linear layers run `fused_forward` (`Siblings` as one node),
-    with `pigg.lora_kernels` where asked and they can take the input; PEFT's forward after."""
+    with `pigg.fast.kernels.lora` where asked and they can take the input; PEFT's forward after."""
     layers = {}
     for layer in adapted_layers(model) if on else []:
         adapter = fusable_adapter(layer, kernels)

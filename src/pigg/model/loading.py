@@ -14,6 +14,15 @@ from pigg.config import LoraSettings, ModelConfig
 PROJECTOR_PREFIXES = ("visual.merger.", "visual.deepstack_merger_list.")
 
 
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def unwrapped(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def pick_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32

@@ -1,0 +1,1 @@
+"""pigg: fine-tune Qwen3-VL into a GUI grounding agent (global, evaluated, personalized, exported)."""

@@ -1,0 +1,1 @@
+"""User data: files (pickle, JSONL), validation, users, the processor, collation and label masks."""

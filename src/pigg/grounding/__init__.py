@@ -1,0 +1,1 @@
+"""Grounding answers: the parser, the metrics and the HTML report."""

@@ -1,0 +1,1 @@
+"""The offline stack: synthetic users, the tiny random Qwen3-VL, the Qwen tokenizer builder, the demo."""

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from pigg.data.pickles import load_pickle
+from pigg.data.pickles import CUT_SHORT, UnsafePickleError, loads, why_unreadable
 from pigg.data.users import format_users, parse_users
+from pigg.grounding.parser import parse_answer
 
 SUFFIXES = (".pkl", ".jsonl")
 
@@ -76,19 +77,59 @@ def find_user_files(data_root, users, skip_missing: bool = False, log=print) -> 
 
 
 def read_user_file(path: Path, trust_pickle: bool = False) -> list:
-    if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError([Problem(path.name, len(rows), "", f"line {n + 1} is not JSON: {e}")]) from None
+    """The file's raw samples. A file that cannot be read at all raises a DataError with one problem
+    that names it and says what is wrong, so the caller can go on to the other files."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _unreadable(path, e.strerror or str(e)) from None
+    if not data:
+        raise _unreadable(path, "the file is empty (0 bytes; copy it again)")
+    rows = _read_jsonl(path, data) if path.suffix == ".jsonl" else _read_pickle(path, data, trust_pickle)
+    if not isinstance(rows, list):
+        raise DataError([Problem(path.name, None, "", f"holds a {type(rows).__name__}, expected a list of samples")])
+    return rows
+
+
+def _unreadable(path: Path, reason: str) -> DataError:
+    return DataError([Problem(path.name, None, "", f"cannot be read: {reason}")])
+
+
+def _read_pickle(path: Path, data: bytes, trust: bool):
+    try:
+        return loads(data, path.name, trust)
+    except UnsafePickleError as e:
+        raise DataError([Problem(path.name, None, "", e.reason)]) from None
+    except Exception as e:  # a damaged pickle can make the unpickler raise almost any type
+        raise _unreadable(path, why_unreadable(e, data)) from None
+
+
+def _read_jsonl(path: Path, data: bytes) -> list:
+    try:
+        text = data.decode("utf-8-sig")  # JSON is UTF-8; a leading byte-order mark is harmless
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise _unreadable(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); save it as UTF-8") from None
+    # split on newlines only: str.splitlines also breaks at U+2028 and friends, which JSON strings may hold
+    lines = text.split("\n")
+    rows, bad = [], []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than json can follow
+                bad.append((n, e))
+    if not bad:
         return rows
-    data = load_pickle(path, trust=trust_pickle)
-    if not isinstance(data, list):
-        raise DataError([Problem(path.name, None, "", f"holds a {type(data).__name__}, expected a list of samples")])
-    return data
+    n, e = bad[0]
+    reason = f"line {n} is not JSON ({e})"
+    if len(bad) > 1:
+        more = ", ".join(str(m) for m, _ in bad[1:11]) + (", ..." if len(bad) > 11 else "")
+        reason += f"; line {more} is not JSON either" if len(bad) == 2 else f"; lines {more} are not JSON either"
+    last = max(m for m, line in enumerate(lines, 1) if line.strip())
+    if bad[-1][0] == last and not text.endswith("\n"):
+        reason += f" ({CUT_SHORT})"
+    raise _unreadable(path, reason)
 
 
 def normalize_sample(raw, source: str, index: int, image_root: Path) -> tuple[list, list[Problem]]:
@@ -203,14 +244,35 @@ def check_images(samples: list[Sample], workers: int = 8) -> tuple[dict, list[Pr
     return sizes, problems
 
 
-def load_samples(data_cfg, log=print) -> tuple[list[Sample], dict]:
+def answer_problem(raw: list, messages: list, source: str, index: int) -> Problem | None:
+    """A problem when the last answer holds no point that evaluation's parser reads, else None.
+
+    The truth is read as evaluation reads it (evaluate.prompt_and_truth): the last turn's text items
+    joined. `raw` is the sample as stored and `messages` its normalised form, item for item.
+    """
+    items = messages[-1]["content"]
+    truth = "".join(item["text"] for item in items if item["type"] == "text")
+    if parse_answer(truth).point is not None:
+        return None
+    at = f"messages[{len(messages) - 1}].content"
+    texts = [i for i, item in enumerate(items) if item["type"] == "text"]
+    if not isinstance(raw[-1]["content"], str) and len(texts) == 1:
+        at += f"[{texts[0]}].text"
+    return Problem(source, index, at, f"no point in the ground-truth answer: {_short(truth, 120)}")
+
+
+def load_samples(data_cfg, log=print, scored: bool = False) -> tuple[list[Sample], dict]:
     """Load, normalise and validate every selected sample; raise one DataError listing all problems.
 
+    A file that cannot be read is one problem and the other files are still checked. An answer without
+    a point is a problem too; training may take such samples when data.allow_unparseable_answers is set
+    (they are listed as a warning), but `scored` callers (eval, personalize) need every point to score.
     Returns the samples and the decoded image sizes ({image: (w, h)}).
     """
     image_root = Path(data_cfg.image_root or data_cfg.data_root)
     files = find_user_files(data_cfg.data_root, data_cfg.users, data_cfg.skip_missing_users, log)
-    samples, problems = [], []
+    allow_pointless = data_cfg.allow_unparseable_answers and not scored
+    samples, problems, pointless = [], [], []
     for user, path in files.items():
         try:
             raw = read_user_file(path, data_cfg.trust_pickle)
@@ -221,13 +283,28 @@ def load_samples(data_cfg, log=print) -> tuple[list[Sample], dict]:
             problems.append(Problem(path.name, None, "", "holds no samples"))
         for index, item in enumerate(raw):
             messages, bad = normalize_sample(item, path.name, index, image_root)
+            no_point = None if bad else answer_problem(item, messages, path.name, index)
+            if no_point:
+                pointless.append(no_point)
+                bad = [] if allow_pointless else [no_point]
             problems.extend(bad)
             if not bad:
                 samples.append(Sample(user, index, path.name, messages))
     sizes, bad_images = check_images(samples, data_cfg.validation_workers)
     problems.extend(bad_images)
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, _pointless_hint(scored) if pointless and not allow_pointless else "")
+    if pointless:
+        log(f"WARNING: training on {len(pointless)} sample(s) whose answer has no point "
+            "(data.allow_unparseable_answers):\n  " + "\n  ".join(str(p) for p in pointless))
     log(f"data: {len(samples)} samples from {len(files)} users ({format_users(list(files))}), "
         f"{len(sizes)} distinct images, all decoded")
     return samples, sizes
+
+
+def _pointless_hint(scored: bool) -> str:
+    if scored:
+        return ("Evaluation scores every answer against its point, so these samples cannot be evaluated "
+                "(data.allow_unparseable_answers applies to training only).")
+    return ("Each answer needs a point that evaluation can read, e.g. a ```grounding block holding [x, y]; to "
+            "train on such samples anyway, pass --data.allow_unparseable_answers true.")

@@ -6,7 +6,8 @@ import pytest
 from conftest import tiny_run_config
 from pigg import config as C
 from pigg.data.samples import load_samples
-from pigg.evaluate import PromptCollator, evaluate, generate_batch, length_batches, prompt_and_truth, read_done
+from pigg.evaluate import (PromptCollator, evaluate, generate_batch, length_batches, prompt_and_truth, read_done,
+                           split_first)
 from pigg.seed_cli import translate_eval
 
 
@@ -44,6 +45,13 @@ def test_length_batches_group_by_length():
     items = list("abcdef")
     batches = length_batches(items, [5, 1, 9, 3, 7, 2], 2)
     assert batches == [["c", "e"], ["a", "d"], ["f", "b"]]
+
+
+def test_split_first_cuts_only_the_first_batch():
+    batches = [list("abcdefg"), list("hij"), list("k")]
+    assert split_first(batches, 3) == [list("abc"), list("def"), list("g"), list("hij"), list("k")]
+    assert split_first(batches, 1) == batches
+    assert split_first([], 4) == []
 
 
 def test_outputs_and_resume_after_interruption(setup, processor, tmp_path, monkeypatch):
@@ -106,3 +114,14 @@ def test_seed_eval_shims(argv, checkpoint, expected):
 def test_seed_eval_shim_checks_lora_flag(tmp_path):
     with pytest.raises(SystemExit):
         translate_eval(["0", "--checkpoint", str(tmp_path), "--lora"], with_checkpoint=True)
+
+
+def test_fast_and_former_generation_write_the_same_predictions(setup, processor, tmp_path):
+    model, samples, sizes = setup
+    fast = evaluate(model, processor, samples, sizes, tmp_path / "fast", batch_size=4, max_new_tokens=8, workers=0)
+    former = evaluate(model, processor, samples, sizes, tmp_path / "former", batch_size=4, max_new_tokens=8, workers=0,
+                      fast=False)
+    assert fast == former
+    for name in ("user_1.jsonl", "user_2.jsonl"):
+        assert (tmp_path / "fast" / "predictions" / name).read_text() == \
+               (tmp_path / "former" / "predictions" / name).read_text()

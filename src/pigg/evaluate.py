@@ -1,9 +1,11 @@
 """Evaluation: greedy answers on held-out users, scored for Click Acc@140 and friends.
 
 One `evaluate()` serves the zero-shot, global and personalized models. Prompts are sorted by
-length and generated in left-padded batches (decoder-only generation continues from the last
-position, so padding must sit on the left). Predictions are appended to per-user JSONL files as
-batches finish, so an interrupted evaluation resumes without redoing finished samples.
+length and answered in batches, by default through `pigg.generation` (no padding mask, a static
+cache, the decoding step replayed as a CUDA graph); `fast=False` keeps transformers' generate() on
+left-padded batches (decoder-only generation continues from the last position). Predictions are
+appended to per-user JSONL files as batches finish, so an interrupted evaluation resumes without
+redoing finished samples.
 
 With several processes (`pigg eval --gpus 0,1`) every rank forms the same length-sorted batches and
 takes every world-th one (the same batches, hence the same answers, as one process), writes its
@@ -18,9 +20,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from pigg import config as C
-from pigg.data.collate import render, sample_length
+from pigg.data.collate import render, rope_positions, sample_length
 from pigg.data.samples import Sample, images_of, load_samples, open_image
 from pigg.distributed import barrier, end_process_group, is_main, rank, start_process_group, world_size
+from pigg.generation import Generator, released
 import pigg.grounding.metrics as M
 
 
@@ -37,16 +40,35 @@ def command_of(prompt: Sample) -> str:
 
 
 class PromptCollator:
-    """Left-padded prompt batches plus the samples they came from (runs in DataLoader workers)."""
+    """Prompt batches plus the samples they came from (runs in DataLoader workers). Left-padded for
+    transformers' generate(); for `pigg.generation` (`fast`), right-padded with the rotary positions
+    the model would compute without a mask (`rope_positions`) and the pixels in `pixel_dtype`, so the
+    GPU neither waits for the positions nor copies float32 pixels."""
 
-    def __init__(self, processor):
-        self.processor = processor
+    def __init__(self, processor, fast: bool = False, pixel_dtype: torch.dtype | None = None):
+        self.processor, self.fast, self.pixel_dtype = processor, fast, pixel_dtype
 
     def __call__(self, items: list[tuple[Sample, str]]):
         texts = [render(self.processor, p.messages, add_generation_prompt=True) for p, _ in items]
         images = [open_image(ref) for p, _ in items for ref in images_of(p)]
-        batch = self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
-        return dict(batch), items
+        side = "right" if self.fast else "left"
+        batch = dict(self.processor(text=texts, images=images, padding=True, padding_side=side, return_tensors="pt"))
+        if self.fast:
+            grids = batch.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))
+            batch["position_ids"] = rope_positions(batch["mm_token_type_ids"], grids,
+                                                   self.processor.image_processor.merge_size)
+            if self.pixel_dtype is not None and "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
+        return batch, items
+
+
+def split_first(batches: list[list], pieces: int) -> list[list]:
+    """The first batch cut into `pieces` smaller ones: each DataLoader worker prepares one, so the
+    first answers come after a fraction of a batch's preparation instead of a whole one."""
+    if pieces < 2 or not batches:
+        return batches
+    first, size = batches[0], -(-len(batches[0]) // pieces)
+    return [first[k:k + size] for k in range(0, len(first), size)] + batches[1:]
 
 
 def length_batches(prompts: list[tuple[Sample, str]], lengths: list[int], batch_size: int) -> list[list]:
@@ -102,7 +124,12 @@ def by_index(done: dict[int, list[dict]]) -> dict[int, list[dict]]:
 
 
 @torch.inference_mode()
-def generate_batch(model, processor, batch: dict, max_new_tokens: int, min_new_tokens: int = 0) -> list[str]:
+def generate_batch(model, processor, batch: dict, max_new_tokens: int, min_new_tokens: int = 0,
+                   generator=None) -> list[str]:
+    """Greedy answers to one batch: through `generator` (a `pigg.generation.Generator`, the fast path)
+    if given, else through transformers' generate() (the former path, `--eval.fast_generation false`)."""
+    if generator is not None:
+        return generator(batch)
     from transformers import GenerationConfig
 
     tok = processor.tokenizer
@@ -118,22 +145,25 @@ def generate_batch(model, processor, batch: dict, max_new_tokens: int, min_new_t
 
 def evaluate(model, processor, samples: list[Sample], sizes: dict, out_dir, batch_size: int = 32,
              max_new_tokens: int = 128, workers: int = 4, meta: dict | None = None,
-             min_new_tokens: int = 0) -> dict:
+             min_new_tokens: int = 0, benchmark=None, fast: bool = True) -> dict:
     """Generate, score and write predictions and metrics for `samples`; return the metrics. Under a
-    launcher each process takes a share (see the module's docstring).
+    launcher each process takes a share (see the module's docstring). A `benchmark`
+    (pigg.grounding.benchmarks) adds its fields to each record and scores the run its way.
 
     `min_new_tokens` exists for benchmarks, which need the same work per sample from random weights.
+    `fast`: answers from `pigg.generation` (static cache, CUDA graph); False: transformers' generate().
     """
     made_group = start_process_group()  # for the barriers, unless training made one already
     try:
-        return _evaluate(model, processor, samples, sizes, Path(out_dir), batch_size, max_new_tokens, workers, meta,
-                         min_new_tokens)
+        with released(Generator(model, processor, max_new_tokens, min_new_tokens) if fast else None) as generator:
+            return _evaluate(model, processor, samples, sizes, Path(out_dir), batch_size, max_new_tokens, workers,
+                             meta, min_new_tokens, benchmark, generator)
     finally:
         end_process_group(made_group)
 
 
 def _evaluate(model, processor, samples, sizes, out_dir: Path, batch_size, max_new_tokens, workers, meta,
-              min_new_tokens) -> dict:
+              min_new_tokens, benchmark, generator) -> dict:
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     if is_main():  # repair and gather what an interrupted run left, before any rank reads or writes
@@ -154,16 +184,21 @@ def _evaluate(model, processor, samples, sizes, out_dir: Path, batch_size, max_n
     write_dir.mkdir(exist_ok=True)
     # Each worker prepares whole batches; with several workers the next batches are ready while the
     # GPU generates (the processor takes ~45 ms a phone screenshot).
-    loader = DataLoader(batches, batch_size=None, collate_fn=PromptCollator(processor), num_workers=workers,
+    collate = PromptCollator(processor)
+    if generator is not None:
+        batches = split_first(batches, workers)
+        collate = PromptCollator(processor, fast=True, pixel_dtype=generator.pixel_dtype)
+    loader = DataLoader(batches, batch_size=None, collate_fn=collate, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
     from tqdm.auto import tqdm
 
     model.eval()
     with tqdm(total=sum(len(b) for b in batches), desc="eval", unit="sample", disable=not is_main()) as bar:
         for batch, items in loader:
-            answers = generate_batch(model, processor, batch, max_new_tokens, min_new_tokens)
+            answers = generate_batch(model, processor, batch, max_new_tokens, min_new_tokens, generator)
             for (prompt, truth), raw in zip(items, answers):
                 record = prediction_record(prompt, truth, raw)
+                record = benchmark.annotate(record) if benchmark else record
                 with open(write_dir / f"user_{prompt.user}.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(len(items))
@@ -171,7 +206,8 @@ def _evaluate(model, processor, samples, sizes, out_dir: Path, batch_size, max_n
     if is_main():
         gather_shares(pred_dir)
         done = by_index(read_done(pred_dir))
-        metrics = {**(meta or {}), "max_new_tokens": max_new_tokens, **M.aggregate(done)}
+        summary = benchmark.summarize(done) if benchmark else M.aggregate(done)
+        metrics = {**(meta or {}), "max_new_tokens": max_new_tokens, **summary}
         write_json_atomic(out_dir / "metrics.json", metrics)
     barrier()  # metrics.json is written
     return metrics if is_main() else json.loads((out_dir / "metrics.json").read_text())
@@ -195,6 +231,8 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def format_metrics(metrics: dict) -> str:
+    from pigg.grounding.priors import describe
+
     def pct(x):
         return "  -  " if x is None else f"{100 * x:5.1f}%"
 
@@ -205,10 +243,17 @@ def format_metrics(metrics: dict) -> str:
     lines = [head, "-" * len(head)]
     rows = [(u, m) for u, m in sorted(metrics["users"].items(), key=lambda kv: int(kv[0]))]
     rows += [("micro", metrics["micro"]), ("macro", {**metrics["macro"], "n": metrics["micro"]["n"]})]
-    for name, m in rows:
-        lines.append(f"{name:>6} {m['n']:>6} {pct(m['click_acc_140']):>8} {num(m['mean_l2']):>8} "
-                     f"{num(m['median_l2']):>8} {pct(m['parse_failure_rate']):>10} {pct(m['referring_exact']):>7} "
-                     f"{pct(m['referring_f1']):>7} {pct(m['seed_click_acc_140']):>9}")
+
+    def row(name, m):
+        return (f"{name:>6} {m['n']:>6} {pct(m['click_acc_140']):>8} {num(m['mean_l2']):>8} "
+                f"{num(m['median_l2']):>8} {pct(m['parse_failure_rate']):>10} {pct(m['referring_exact']):>7} "
+                f"{pct(m['referring_f1']):>7} {pct(m['seed_click_acc_140']):>9}")
+
+    lines += [row(name, m) for name, m in rows]
+    for entry in metrics.get("baselines", {}).values():  # constant answers, not models: pigg.grounding.priors
+        lines.append(f"baseline {entry['label']}: {describe(entry['baseline'])}")
+        if "micro" in entry:
+            lines += [row("micro", entry["micro"]), row("macro", {**entry["macro"], "n": entry["micro"]["n"]})]
     lines.append("seed rule: the replaced system's scoring (unparseable answer -> (0, 0), box -> first corner), "
                  "for comparison only")
     return "\n".join(lines)
@@ -238,15 +283,23 @@ def run_eval(cfg: C.RunConfig) -> dict:
 def _run_eval(cfg: C.RunConfig) -> dict:
     from pigg.model.loading import load_for_inference, resolve_checkpoint
     from pigg.data.processor import load_processor
+    from pigg.grounding.benchmarks import load_benchmark
+    from pigg.grounding.priors import attach as attach_priors, global_prior
     from pigg.model.loading import device
 
     e = cfg.eval
     explicit_model = cfg.model.name_or_path if cfg.model.name_or_path != C.ModelConfig().name_or_path else None
     cfg.model.name_or_path, adapter = resolve_checkpoint(explicit_model, e.adapter, e.checkpoint)
     label = default_label(cfg)
-    out = Path(e.out or Path("eval_runs") / label)
+    out = Path(e.out or Path("eval_runs") / (f"{e.benchmark}-{label}" if e.benchmark else label))
     print(f"eval: {label}: model {cfg.model.name_or_path}" + (f" + adapter {adapter}" if adapter else "") + f" -> {out}")
-    samples, sizes = load_samples(cfg.data)
+    bench = e.benchmark and load_benchmark(e.benchmark, e.benchmark_root, e.prompt, cfg.data.validation_workers)
+    # every answer is scored, so every point is needed
+    samples, sizes = (bench.samples, bench.sizes) if bench else load_samples(cfg.data, scored=True)
+    # The global prior baseline beside the model, fitted on the training users the weights record
+    # (benchmarks are not user data: no prior); rank 0 alone writes metrics.
+    weights = [p for p in (adapter, cfg.model.name_or_path) if p and Path(p).is_dir()]
+    prior = None if bench or not is_main() else global_prior(cfg, weights)
     processor_source = next((p for p in (adapter, cfg.model.name_or_path)
                              if p and (Path(p) / "tokenizer_config.json").is_file()), cfg.model.name_or_path)
     processor = load_processor(processor_source, cfg.model.min_pixels, cfg.model.max_pixels)
@@ -254,8 +307,12 @@ def _run_eval(cfg: C.RunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if is_main():
         C.save_yaml(cfg, out / "eval_config.yaml")
-    meta = dict(label=label, model=cfg.model.name_or_path, adapter=adapter, users=cfg.data.users)
-    metrics = evaluate(model, processor, samples, sizes, out, e.batch_size, e.max_new_tokens, e.workers, meta)
-    print(format_metrics(metrics))
+    meta = dict(label=label, model=cfg.model.name_or_path, adapter=adapter, users=cfg.data.users,
+                **(bench.meta if bench else {}))
+    metrics = evaluate(model, processor, samples, sizes, out, e.batch_size, e.max_new_tokens, e.workers, meta,
+                       benchmark=bench, fast=e.fast_generation)
+    if prior is not None:
+        metrics = attach_priors(out, [prior])
+    print(bench.format(metrics) if bench else format_metrics(metrics))
     print(f"predictions and metrics.json in {out}")
     return metrics

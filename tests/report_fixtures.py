@@ -5,6 +5,7 @@ units (moved along one axis, so the distance is exact) or None for an unparsable
 computed here the plain way so the tests can compare the page against values worked out by hand.
 """
 import json
+import math
 import pickle
 import re
 import statistics
@@ -103,3 +104,40 @@ def write_run(folder: Path, label: str, data: dict, plan: dict, edit=None) -> Pa
                "users": per_user, "micro": metrics_of(everything), "macro": macro_of(per_user)}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return folder
+
+
+# Prior baselines as pigg.grounding.priors writes them: the global prior always answers GLOBAL_PRIOR,
+# the user prior each user's first target (so that sample is a hit at distance 0).
+GLOBAL_PRIOR = (500, 500)
+
+
+def user_prior_points(data: dict) -> dict:
+    return {user: tuple(samples[0]["gt_point"]) for user, samples in data.items()}
+
+
+def attach_priors(folder: Path, data: dict, global_point=GLOBAL_PRIOR, extra=()) -> Path:
+    from pigg.grounding import priors as P
+
+    firsts = user_prior_points(data)
+    global_info = {"rule": P.RULE, "point": list(global_point), "train_samples": 40, "train_click_acc_140": 0.25,
+                   "train_mean_l2": 300.0, "fitted_on": {"users": "5-16", "data_root": "demo/data",
+                                                         "chosen_by": "runs/global/provenance.json"}}
+    user_info = {"rule": P.RULE, "fitted_on": "each user's training folds, per fold",
+                 "folds": {str(u): {"1": {"point": list(p)}, "2": {"point": list(p)}} for u, p in firsts.items()}}
+    P.attach(folder, [P.Prior("global_prior", "global prior", global_info, lambda u, i: tuple(global_point)),
+                      P.Prior("user_prior", "user prior", user_info, lambda u, i: firsts[u]), *extra])
+    return folder
+
+
+def prior_metrics(data: dict, plan: dict, point_for) -> dict:
+    """{"users": {user: metrics}, "micro": ..., "macro": ...} of a constant-per-user answer, the plain way."""
+    per_user, everything = {}, []
+    for user, offsets in plan.items():
+        rows = []
+        for i in range(len(offsets)):
+            d = math.dist(point_for(user), data[user][i]["gt_point"])
+            rows.append({"distance": d, "hit": d <= HIT_RADIUS, "parse_ok": True, "referring_exact": False,
+                         "referring_f1": 0.0, "seed_hit": d <= HIT_RADIUS})
+        per_user[str(user)] = metrics_of(rows)
+        everything += rows
+    return {"users": per_user, "micro": metrics_of(everything), "macro": macro_of(per_user)}

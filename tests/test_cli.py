@@ -6,14 +6,23 @@ from pigg.seed_cli import translate_finetune_global
 
 
 @pytest.mark.parametrize("argv, env, expected", [
-    (["0", "--lora"], "0", ["train", "--lora", "--gpus", "0"]),
-    (["0,1"], "0,1", ["train", "--full", "--gpus", "0,1"]),
-    (["2", "--lora", "--u", "11", "50"], "2", ["train", "--lora", "--gpus", "2", "--users", "11-50"]),
+    (["0", "--lora"], "0", ["train", "--lora", "--gpus", "0", "--lr", "1e-6"]),
+    (["0,1"], "0,1", ["train", "--full", "--gpus", "0,1", "--lr", "1e-6"]),
+    (["2", "--lora", "--u", "11", "50"], "2", ["train", "--lora", "--gpus", "2", "--lr", "1e-6", "--users", "11-50"]),
     (["0", "--u", "1", "3", "9", "--data-root", "/d"], "0",
-     ["train", "--full", "--gpus", "0", "--users", "1,3,9", "--data-root", "/d"]),
+     ["train", "--full", "--gpus", "0", "--lr", "1e-6", "--users", "1,3,9", "--data-root", "/d"]),
 ])
 def test_seed_shim_translates_its_arguments(argv, env, expected):
     assert translate_finetune_global(argv) == ({"CUDA_VISIBLE_DEVICES": env}, expected)
+
+
+@pytest.mark.parametrize("method", ["--lora", "--full"])
+def test_seed_shim_keeps_the_seeds_learning_rate_and_lets_a_flag_override_it(method):
+    argv = translate_finetune_global(["0", method] if method == "--lora" else ["0"])[1]
+    cfg = C.validate(config_from_args(build_parser().parse_args(argv)))
+    assert cfg.train.learning_rate == 1e-6 and cfg.train.method == method[2:]
+    argv = translate_finetune_global(["0", method, "--lr", "3e-5"] if method == "--lora" else ["0", "--lr", "3e-5"])[1]
+    assert C.validate(config_from_args(build_parser().parse_args(argv))).train.learning_rate == 3e-5
 
 
 def test_seed_shim_rejects_a_bad_gpu_list():
@@ -23,7 +32,7 @@ def test_seed_shim_rejects_a_bad_gpu_list():
 
 def test_defaults_are_the_seeds():
     cfg = config_from_args(build_parser().parse_args(["train"]))
-    assert (cfg.train.learning_rate, cfg.train.epochs, cfg.train.effective_batch) == (1e-6, 1.0, 8)
+    assert (cfg.train.learning_rate, cfg.train.epochs, cfg.train.effective_batch) == (None, 1.0, 8)
     assert (cfg.train.warmup_steps, cfg.train.weight_decay, cfg.train.save_steps, cfg.train.save_total_limit) == (50, 0.01, 500, 3)
     # micro-batch, accumulation and checkpointing are chosen from the GPU's memory (tests/test_batching.py)
     assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.gradient_checkpointing) == (None, None, None)
@@ -44,6 +53,18 @@ def test_yaml_then_flags(tmp_path):
     assert cfg.train.batch_size == 4 and cfg.train.gradient_checkpointing is None
 
 
+def test_yaml_numbers_without_a_dot_and_old_speed_switches(tmp_path):
+    """YAML 1.1 reads 1e-4 as a string: a float field takes the number; a word is an error. A speed switch
+    written under train by an older run lands in fast."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  learning_rate: 1e-4\n  fused_lora: false\nlora:\n  dropout: 5e-2\n")
+    cfg = C.load_yaml(path)
+    assert (cfg.train.learning_rate, cfg.lora.dropout, cfg.fast.fused_lora) == (1e-4, 0.05, False)
+    path.write_text("train:\n  learning_rate: fast\n")
+    with pytest.raises(C.ConfigError, match="train.learning_rate must be a number, got 'fast'"):
+        C.load_yaml(path)
+
+
 def test_unknown_yaml_keys_are_errors(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  learning_rat: 1\noptim: {}\n")
@@ -60,6 +81,26 @@ def test_validation_lists_every_problem():
     text = str(err.value)
     for expected in ("train.method", "train.grad_accum", "lora.target_modules", "data.users"):
         assert expected in text
+
+
+@pytest.mark.parametrize("argv, lr", [
+    (["train"], 1e-4), (["train", "--lora"], 1e-4), (["train", "--full"], 1e-6), (["train", "--full", "--lr", "2e-6"], 2e-6),
+    (["train", "--lora", "--train.learning_rate", "none"], 1e-4),
+])
+def test_learning_rate_by_method(argv, lr):
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert C.validate(cfg).train.learning_rate == lr
+
+
+def test_resolved_learning_rate_is_printed_and_recorded(tiny_dir, synth_root, tmp_path, capsys):
+    """The YAML a run writes holds the learning rate it trained with, not None."""
+    from conftest import tiny_run_config
+    from pigg.train import train
+
+    cfg = tiny_run_config(tiny_dir, synth_root, tmp_path, max_steps=1, learning_rate=None, method="full")
+    folder = train(cfg)
+    assert C.load_yaml(folder / "pigg_config.yaml").train.learning_rate == 1e-6
+    assert "learning rate: 1e-06 (pigg's default for this method)" in capsys.readouterr().out
 
 
 def test_yaml_round_trip(tmp_path):

@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import re
 
 import pytest
 from PIL import Image
@@ -57,8 +58,15 @@ def test_malicious_pickle_is_refused_and_nothing_runs(root):
             return os.system, (f"touch {marker}",)
 
     write_user(root, 1, [Evil()])
-    with pytest.raises(UnsafePickleError, match=r"user_1.pkl: refused to load '(posix|os)\.system'.*--trust-pickle"):
-        load_samples(cfg(root))
+    write_user(root, 2, [good_sample("nope.png")])
+    with pytest.raises(DataError) as err:
+        load_samples(cfg(root, users="1-2"))
+    assert not marker.exists()
+    refusal, other_file = [str(p) for p in err.value.problems]
+    assert re.fullmatch(r"user_1\.pkl: refused to load '(posix|os)\.system': .*--trust-pickle .*", refusal)
+    assert other_file.startswith("user_2.pkl sample 0, field messages[0].content[0].image: file not found")
+    with pytest.raises(UnsafePickleError, match=r"user_1\.pkl: refused to load '(posix|os)\.system'"):
+        load_pickle(root / "user_1.pkl")
     assert not marker.exists()
 
 
@@ -151,3 +159,17 @@ def test_user_selection_parsing():
 def test_synthetic_users_pass_validation(synth_root):
     samples, _ = load_samples(cfg(synth_root, users="1-3"))
     assert len({s.user for s in samples}) == 3
+
+
+def test_a_saved_processor_does_not_keep_the_collators_padding(processor, tmp_path):
+    """The training collator pads to a multiple of 16, which the fast tokenizer keeps as its backend's
+    setting; the processor a run saves must not pass it on (TRL's GRPO, for one, pads with it)."""
+    import json
+
+    from pigg.data.processor import load_processor, save_processor
+
+    processor.tokenizer(["a", "a b c"], padding=True, pad_to_multiple_of=16)
+    assert processor.tokenizer.backend_tokenizer.padding["pad_to_multiple_of"] == 16
+    save_processor(processor, tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["padding"] is None
+    assert load_processor(str(tmp_path)).tokenizer.backend_tokenizer.padding is None

@@ -135,7 +135,7 @@ def test_train_and_seed_shim_relaunch_through_torchrun(monkeypatch):
     with pytest.raises(Launched) as launched:
         finetune_global_main(["0,1", "--data-root", "/d"])  # the seed's full fine-tuning on two GPUs
     cmd, env = launched.value.args
-    assert cmd[cmd.index("pigg.cli") + 1:] == ["train", "--full", "--data-root", "/d"]
+    assert cmd[cmd.index("pigg.cli") + 1:] == ["train", "--full", "--lr", "1e-6", "--data-root", "/d"]
     assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and env["CUDA_VISIBLE_DEVICES"] == "0,1"
 
     assert without_launch_flags(["eval", "--gpus=0,1", "--users", "1-3", "--nproc", "2", "--nnodes", "1"]) == [

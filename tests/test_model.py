@@ -45,3 +45,16 @@ def test_parts():
     assert part_of("model.visual.deepstack_merger_list.0.norm.weight") == "projector"
     assert part_of("lm_head.weight") == "llm"
     assert part_of("model.language_model.layers.0.mlp.up_proj.weight") == "llm"
+
+
+def test_position_scale_raises_only_the_vision_position_embeddings(tiny_dir, tmp_path):
+    """The demo's tiny model: the same random weights, its vision position embeddings 40 times larger."""
+    from safetensors.torch import load_file
+
+    from pigg.offline.tiny import make_tiny_checkpoint
+
+    plain, scaled = load_file(tiny_dir / "model.safetensors"), load_file(
+        make_tiny_checkpoint(tmp_path / "scaled", position_scale=40.0) / "model.safetensors")
+    key = next(k for k in plain if k.endswith("visual.pos_embed.weight"))
+    assert torch.allclose(scaled[key], 40 * plain[key])
+    assert all(torch.equal(plain[k], scaled[k]) for k in plain if k != key)

@@ -1,5 +1,6 @@
 """Personalization: fold splits, starting weights, output layout, resume, the command and its shim."""
 import json
+import math
 
 import pytest
 import torch
@@ -83,6 +84,42 @@ def test_layout_summaries_and_report(global_lora, tiny_dir, synth_root, tmp_path
     assert overall["vanilla"]["micro"]["n"] == overall["personalized"]["micro"]["n"] == 8
     html = (out / "report.html").read_text()
     assert "vanilla" in html and "global" in html and "personalized" in html
+    check_baselines(out, splits, summary, overall, html)
+
+
+def check_baselines(out, splits, summary, overall, html):
+    """The global prior of the global run's users 2-3 and the user prior of each fold's training part,
+    on exactly the held-out samples of the models."""
+    from pigg.grounding.priors import fit
+
+    records = [json.loads(line) for line in (out / "personalized" / "predictions" / "user_1.jsonl").open()]
+    truth = {r["index"]: r["gt_point"] for r in records}  # every sample is held out once: all 8 targets
+
+    def acc(point, indices):
+        return sum(math.dist(point, truth[i]) <= 140 for i in indices) / len(indices)
+
+    global_prior = overall["global_prior"]
+    assert global_prior["label"] == "global prior" and global_prior["baseline"]["fitted_on"]["users"] == "2-3"
+    point = global_prior["baseline"]["point"]
+    assert global_prior["micro"]["n"] == 8 and global_prior["micro"]["click_acc_140"] == acc(point, truth)
+    user_prior = overall["user_prior"]
+    hits = 0
+    for k, fold in splits["users"]["1"].items():
+        fitted = fit([truth[i] for i in fold["train"]])  # the user's own training folds only
+        entry = summary["folds"][k]["user_prior"]
+        assert entry["point"] == fitted["point"] and user_prior["baseline"]["folds"]["1"][k] == fitted
+        assert entry["n"] == len(fold["test"]) and entry["click_acc_140"] == acc(fitted["point"], fold["test"])
+        assert summary["folds"][k]["global_prior"]["point"] == point
+        hits += acc(fitted["point"], fold["test"]) * len(fold["test"])
+    assert user_prior["micro"]["click_acc_140"] == pytest.approx(hits / 8)
+    assert summary["pooled"]["user_prior"]["n"] == 8
+    for model in ("vanilla", "global", "personalized"):
+        metrics = json.loads((out / model / "metrics.json").read_text())
+        assert metrics["baselines"]["user_prior"]["micro"] == user_prior["micro"], model
+        assert metrics["baselines"]["global_prior"]["folder"] == "baselines/global_prior"
+    # one column each in the report, although all three models list them
+    assert html.count('<polyline class="cdf" data-run="global prior"') == 1
+    assert html.count('<polyline class="cdf" data-run="user prior"') == 1
 
 
 def test_every_fold_starts_from_the_global_weights(global_lora, tiny_dir, synth_root, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pigg.grounding import report
-from report_fixtures import PLANS, make_data, write_run
+from report_fixtures import GLOBAL_PRIOR, PLANS, attach_priors, make_data, prior_metrics, user_prior_points, write_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCRIPT = "<script>alert(1)</script>"
@@ -54,24 +54,41 @@ def page(runs):
     return out.read_text(encoding="utf-8")
 
 
+@pytest.fixture(scope="module")
+def prior_runs(tmp_path_factory, runs, data):
+    """The three runs, each listing the same global and user prior (as personalization writes them)."""
+    root = tmp_path_factory.mktemp("with_priors")
+    return [attach_priors(shutil.copytree(r, root / r.name), data) for r in runs]
+
+
+@pytest.fixture(scope="module")
+def prior_page(prior_runs):
+    return report.write_report(prior_runs, prior_runs[0].parent / "report.html").read_text(encoding="utf-8")
+
+
 class Tables(HTMLParser):
-    """Body rows of every <table id=...>: {id: [[(text, is_best), ...], ...]}."""
+    """Body rows of every <table id=...>: {id: [[(text, is_best), ...], ...]}; each cell's class in
+    `classes`, the same shape."""
 
     def __init__(self):
         super().__init__()
         self.tables, self.table, self.row, self.cell, self.in_body = {}, None, None, None, False
+        self.classes, self.class_row = {}, None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "table":
             self.table = self.tables.setdefault(attrs.get("id"), [])
+            self.class_table = self.classes.setdefault(attrs.get("id"), [])
         elif tag == "tbody":
             self.in_body = True
         elif tag == "tr" and self.in_body:
-            self.row = []
+            self.row, self.class_row = [], []
             self.table.append(self.row)
+            self.class_table.append(self.class_row)
         elif tag in ("td", "th") and self.row is not None:
             self.cell = ["", attrs.get("class") == "best"]
+            self.class_row.append(attrs.get("class"))
 
     def handle_endtag(self, tag):
         if tag in ("td", "th") and self.cell is not None:
@@ -87,10 +104,10 @@ class Tables(HTMLParser):
             self.cell[0] += data
 
 
-def tables_of(page):
+def tables_of(page, classes=False):
     parser = Tables()
     parser.feed(page)
-    return parser.tables
+    return (parser.tables, parser.classes) if classes else parser.tables
 
 
 def section(page, start_marker, end_marker):
@@ -246,10 +263,97 @@ def test_unparseable_prediction_line_names_file_and_line(runs, tmp_path):
         report.write_report([run])
 
 
+def test_baselines_sit_beside_the_models_in_the_summary(prior_page, data):
+    tables, classes = tables_of(prior_page, classes=True)
+    rows = {r[0][0]: [text for text, _ in r[1:]] for r in tables["summary"]}
+    glob = prior_metrics(data, PLANS["vanilla"], lambda user: GLOBAL_PRIOR)
+    firsts = user_prior_points(data)
+    own = prior_metrics(data, PLANS["vanilla"], lambda user: firsts[user])
+    # three models, then each baseline once although all three runs list them
+    expected = [f"{100 * m[s]['click_acc_140']:.1f}%" for m in (glob, own) for s in ("micro", "macro")]
+    assert rows["Click Acc@140"] == ["41.2%", "41.1%", "76.5%", "76.7%", "88.2%", "87.8%", *expected]
+    assert rows["Median L2 (0-1000 units)"][6:] == [f"{m[s]['median_l2']:.1f}" for m in (glob, own)
+                                                    for s in ("micro", "macro")]
+    assert rows["Parse-failure rate"][6:] == ["0.0%"] * 4 and rows["Referring exact match"][6:] == ["0.0%"] * 4
+    assert rows["n"][6:] == ["17 samples", "3 users"] * 2
+    click = next(i for i, r in enumerate(tables["summary"]) if r[0][0] == "Click Acc@140")
+    assert classes["summary"][click][7:] == ["baseline"] * 4  # greyed, never "best"
+    head = section(prior_page, '<table id="summary"', "</thead>")
+    assert head.count('class="tag">baseline</span>') == 2
+    assert "global prior" in head and "user prior" in head
+
+
+def test_baselines_table_says_what_each_answers(prior_page, data):
+    rows = tables_of(prior_page)["baselines"]
+    assert [r[0][0] for r in rows] == ["global priorbaseline", "user priorbaseline"]
+    assert rows[0][1][0] == "always [500, 500], the densest of 40 training targets (users 5-16)"
+    assert rows[0][2][0].startswith("5-16 (runs/global/provenance.json) in demo/data; training Click Acc@140 25.0%")
+    firsts = user_prior_points(data)
+    assert rows[1][1][0] == "per user and fold, the densest of the targets in that user's training folds"
+    assert f"user 1: [{firsts[1][0]}, {firsts[1][1]}] [{firsts[1][0]}, {firsts[1][1]}]" in rows[1][2][0]
+    assert "fitted on training data only" in prior_page and "densest training point" in prior_page
+
+
+def test_baselines_are_dashed_in_the_charts_and_have_no_gallery(prior_page, data):
+    cdf = section(prior_page, '<svg id="cdf-chart"', "</svg>")
+    lines = re.findall(r'<polyline class="cdf" data-run="([\w ]+)"[^>]*?( stroke-dasharray="[^"]+")? points=', cdf)
+    # baselines drawn first, so the models lie over them
+    assert lines == [("global prior", ' stroke-dasharray="7 4"'), ("user prior", ' stroke-dasharray="7 4"'),
+                     ("vanilla", ""), ("global", ""), ("personalized", "")]
+    bars = section(prior_page, '<svg id="bar-chart"', "</svg>")
+    marks = re.findall(r'<line class="prior" data-user="(\d)" data-run="([\w ]+)"[^>]* y1="([\d.]+)"', bars)
+    assert [(u, r) for u, r, _ in marks] == [(u, r) for u in "123" for r in ("global prior", "user prior")]
+    glob = prior_metrics(data, PLANS["vanilla"], lambda user: GLOBAL_PRIOR)
+    base, plot_h = 340 - 52, 340 - 20 - 52  # the chart's bottom edge and height
+    for user, run, y in marks:
+        if run == "global prior":
+            assert float(y) == pytest.approx(base - plot_h * glob["users"][user]["click_acc_140"], abs=0.06)
+    assert re.findall(r'<section class="gallery" data-run="([\w ]+)"', prior_page) == ["vanilla", "global",
+                                                                                     "personalized"]
+    assert "<title>pigg evaluation report: vanilla vs global vs personalized</title>" in prior_page
+
+
+def test_a_baseline_is_never_highlighted_even_when_best(runs, data, tmp_path):
+    from pigg.grounding.priors import Prior
+
+    truth = {(u, i): tuple(s["gt_point"]) for u, samples in data.items() for i, s in enumerate(samples)}
+    oracle = Prior("oracle", "oracle", {"rule": "the truth", "fitted_on": "nothing"}, lambda u, i: truth[(u, i)])
+    run = attach_priors(shutil.copytree(runs[2], tmp_path / "personalized"), data, extra=[oracle])
+    tables, classes = tables_of(report.write_report([runs[1], run], tmp_path / "r.html").read_text(), classes=True)
+    user_1 = tables["per-user"][0]
+    # global 83.3%, personalized 100.0% (best), then the baselines: global prior, user prior, oracle 100.0%
+    assert user_1[1] == ("83.3%", False) and user_1[2] == ("100.0%", True) and user_1[5] == ("100.0%", False)
+    assert classes["per-user"][0][3:6] == ["baseline"] * 3
+
+
+def test_each_distinct_baseline_is_shown_once_and_unavailable_ones_are_named(runs, data, tmp_path):
+    from pigg.grounding.priors import RULE, Prior, attach
+
+    vanilla = attach_priors(shutil.copytree(runs[0], tmp_path / "vanilla"), data, global_point=(100, 900))
+    tuned = attach_priors(shutil.copytree(runs[1], tmp_path / "global"), data)
+    page = report.write_report([vanilla, tuned], tmp_path / "r.html").read_text()
+    labels = [r[0][0] for r in tables_of(page)["baselines"]]
+    # the user priors answer the same samples alike: one; the global priors differ: one each, named by run
+    assert labels == ["global prior · vanillabaseline", "user priorbaseline", "global prior · globalbaseline"]
+    # a baseline folder given by hand is a baseline too, and the same as the one its run lists
+    page = report.write_report([tuned, tuned / "baselines" / "global_prior"], tmp_path / "r.html").read_text()
+    assert [r[0][0] for r in tables_of(page)["baselines"]] == ["global priorbaseline", "user priorbaseline"]
+    gone = Prior("global_prior", "global prior", {"rule": RULE, "unavailable": "no training data: look elsewhere"})
+    attach(vanilla, [gone])
+    page = report.write_report([vanilla], tmp_path / "r.html").read_text()
+    assert tables_of(page)["baselines"] == [[("global priorbaseline", False),
+                                             ("not available: no training data: look elsewhere", False)]]
+
+
+def test_runs_without_baselines_say_so(page):
+    assert "No prior baselines: these runs' metrics.json list none" in page and 'id="baselines"' not in page
+
+
 def colour_pixels(png: Path) -> dict:
     counts = {colour: n for n, colour in Image.open(png).convert("RGB").getcolors(1 << 24)}
     rgb = {name: tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))
-           for name, c in (("gt", report.GT_COLOUR), ("pred", report.PRED_COLOUR), ("hit", report.HIT_COLOUR))}
+           for name, c in (("gt", report.GT_COLOUR), ("pred", report.PRED_COLOUR), ("hit", report.HIT_COLOUR),
+                           ("second_baseline", report.BASELINE_COLOURS[1]), ("baseline_cell", "#eeeeea"))}
     return {name: counts.get(value, 0) for name, value in rgb.items()} | {"distinct": len(counts)}
 
 
@@ -271,20 +375,22 @@ def run_chromium(command: list, timeout: int = 20, attempts: int = 2) -> tuple:
     return f"timed out {attempts} times after {timeout}s", stderr
 
 
-def test_page_renders_in_chromium(runs, tmp_path):
+def test_page_renders_in_chromium(prior_runs, tmp_path):
     assert CHROMIUM.exists(), "headless Chromium is needed for this test: apt-get install -y chromium"
     # Personalized first: its gallery opens with two misses and then hits, so all three overlay
-    # colours are in the window.
-    html = report.write_report([runs[2], runs[0]], tmp_path / "browser.html")
+    # colours are in the window. The baselines add a table, columns and dashed lines above it.
+    html = report.write_report([prior_runs[2], prior_runs[0]], tmp_path / "browser.html")
     png = tmp_path / "page.png"
     command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", "--hide-scrollbars",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,3200", "--hide-scrollbars",
                f"--screenshot={png}", html.as_uri()]
     rc, stderr = run_chromium(command)
     assert png.is_file(), f"chromium wrote no screenshot (rc {rc}): {stderr[-2000:]}"
-    assert Image.open(png).size == (1280, 2400)
+    assert Image.open(png).size == (1280, 3200)
     seen = colour_pixels(png)
     assert seen["distinct"] > 500, seen
     # ~20 dots and rings in view; the key above the gallery has none of these colours
     assert seen["gt"] > 300 and seen["pred"] > 300 and seen["hit"] > 100, seen
+    # the user prior's dashed lines (legend, bars, CDF) and the greyed baseline columns are drawn
+    assert seen["second_baseline"] > 300 and seen["baseline_cell"] > 20_000, seen

@@ -36,6 +36,9 @@ ALIASES = [  # short flag -> (section, field); the first one whose section the c
     ("--out", "eval", "out"),
     ("--label", "eval", "label"),
     ("--max-new-tokens", "eval", "max_new_tokens"),
+    ("--benchmark", "eval", "benchmark"),
+    ("--benchmark-root", "eval", "benchmark_root"),
+    ("--prompt", "eval", "prompt"),
     ("--base", "personalize", "base"),
     ("--folds", "personalize", "folds"),
     ("--fold", "personalize", "fold"),
@@ -65,6 +68,8 @@ def _parse_value(kind, text):
         return [x for x in text.split(",") if x]
     if "int" in str(kind):
         return None if text.lower() == "none" else int(text)
+    if "float" in str(kind):  # float | None
+        return None if text.lower() == "none" else float(text)
     return None if text.lower() == "none" else text
 
 
@@ -75,6 +80,7 @@ SECTION_TITLES = {
     "train": "train: the optimisation",
     "eval": "eval: generation and scoring",
     "personalize": "personalize: per-user folds",
+    "rl": "rl: GRPO sampling, rewards and policy loss (pigg rl)",
     "fast": "fast: speed switches that keep the same mathematics (docs/performance.md; --fast.NAME false turns one off)",
 }
 
@@ -174,6 +180,13 @@ def cmd_train(args) -> None:
     train(config_from_args(args))
 
 
+def cmd_rl(args) -> None:
+    start_processes(args)
+    from pigg.rl import RL_DEFAULTS, rl
+
+    rl(config_from_args(args, RL_DEFAULTS))
+
+
 EVAL_DEFAULTS = {"data": {"users": "1-10"}}
 
 
@@ -191,6 +204,13 @@ def cmd_personalize(args) -> None:
     # precedence: seed defaults < personalization defaults < the global run's model settings < YAML < flags
     base = config_from_args(args, PERSONALIZE_DEFAULTS).personalize.base
     personalize(config_from_args(args, {**PERSONALIZE_DEFAULTS, **global_defaults(base)}))
+
+
+def cmd_predict(args) -> None:
+    single_gpu_guard()
+    from pigg.predict import run_predict
+
+    run_predict(config_from_args(args), args.image, args.command, args.input, args.json, args.draw)
 
 
 def cmd_report(args) -> None:
@@ -238,7 +258,27 @@ def cmd_make_tiny(args) -> None:
 def cmd_demo(args) -> None:
     from pigg.offline.demo import run_demo
 
-    run_demo(args.out)
+    run_demo(args.out, quick=args.quick, rl=args.rl)
+
+
+def add_predict_flags(parser) -> None:
+    """What to predict and how to show it, then the model's flags and the few eval settings that apply."""
+    what = parser.add_argument_group("what to predict")
+    what.add_argument("--image", default=None, help="a screenshot")
+    what.add_argument("--command", default=None, help="what the user asks for on it, e.g. 'Open the settings'")
+    what.add_argument("--input", default=None, metavar="FILE.jsonl",
+                      help='many at once: one {"image": PATH, "command": TEXT} a line (relative paths from the file)')
+    what.add_argument("--json", action="store_true", help="print one JSON object a prediction instead of text")
+    what.add_argument("--draw", default=None, metavar="OUT.png",
+                      help="write the screenshot with the point and its 140-unit circle (in 0-1000 space, so an "
+                           "ellipse in pixels on a non-square screenshot); with --input, a folder of PNGs")
+    add_config_flags(parser, ("model",))
+    group = parser.add_argument_group("eval: the model to ask and how")
+    for flag, name in (("--adapter", "adapter"), ("--checkpoint", "checkpoint"), ("--prompt", "prompt"),
+                       ("--batch-size", "batch_size"), ("--max-new-tokens", "max_new_tokens")):
+        f = next(f for f in dataclasses.fields(C.EvalSettings) if f.name == name)
+        group.add_argument(flag, f"--eval.{name}", dest=f"eval.{name}", default=None, metavar="V",
+                           help=help_text(f.metadata["help"]), type=lambda text, k=f.type: _parse_value(k, text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,9 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a model (zero-shot, or with --adapter / --checkpoint) on held-out users",
-                       usage="pigg eval --data-root DIR [--users 1-10] [--adapter DIR | --checkpoint DIR] [--out DIR] "
+    p = sub.add_parser("rl", help="reinforcement fine-tuning (GRPO) with a click reward, from the base, a global "
+                                  "output or a personalized fold",
+                       usage="pigg rl --data-root DIR [--users 11-83] [--rl.start GLOBAL_OR_FOLD] [--config FILE.yaml] "
                              "[options]")
+    add_config_flags(p, ("model", "lora", "data", "train", "rl"))
+    add_launch_flags(p)
+    p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("eval", help="evaluate a model (zero-shot, or with --adapter / --checkpoint) on held-out users "
+                                    "or a public benchmark (--benchmark)",
+                       usage="pigg eval --data-root DIR [--users 1-10] [--adapter DIR | --checkpoint DIR] [--out DIR] "
+                             "[options]\n       pigg eval --benchmark screenspot-v2|screenspot-pro|screenspot "
+                             "--benchmark-root DIR [--prompt pigg|qwen] [model flags] [--out DIR]")
     add_config_flags(p, ("model", "data", "eval"))
     add_launch_flags(p)
     p.set_defaults(func=cmd_eval)
@@ -265,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "[options]")
     add_config_flags(p, ("model", "lora", "data", "train", "eval", "personalize", "fast"))
     p.set_defaults(func=cmd_personalize)
+
+    p = sub.add_parser("predict", help="ask a model where to click on screenshots: one (--image, --command) or many "
+                                       "(--input FILE.jsonl)",
+                       usage="pigg predict (--image PATH --command TEXT | --input FILE.jsonl) [--adapter DIR | "
+                             "--checkpoint DIR] [--json] [--draw OUT.png] [options]")
+    add_predict_flags(p)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("report", help="one self-contained HTML page comparing evaluation runs")
     p.add_argument("runs", nargs="+", help="evaluation folders (each with metrics.json and predictions/)")
@@ -305,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: synthetic users, tiny model, global fine-tuning on CPU")
     p.add_argument("--out", default="pigg_demo", help="folder for the demo's data, model and outputs")
+    p.add_argument("--quick", action="store_true", help="a few samples and steps: checks the pipeline, learns "
+                                                        "nothing (tests)")
+    p.add_argument("--rl", action="store_true", help="also run GRPO (pigg rl) from the global model and compare "
+                                                     "the two on the held-out users")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -10,6 +10,9 @@ from pathlib import Path
 import yaml
 
 SEED_MAX_PIXELS = 1280 * 28 * 28
+# pigg's learning rate by method: Qwen's advice for full fine-tuning; for LoRA the peers' default and the
+# advice in Qwen3-VL's issue tracker (at 1e-6 an adapter barely moves in an epoch). The seed's scripts pass 1e-6.
+LEARNING_RATES = {"lora": 1e-4, "full": 1e-6}
 LLM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -46,6 +49,8 @@ class DataConfig:
     users: str = opt("11-83", "Users to train on: '11-83', '1,3,5-7'.")
     skip_missing_users: bool = opt(False, "Skip users in the range that have no file (listed loudly) instead of failing.")
     trust_pickle: bool = opt(False, "Load pickles with the full unpickler (only for files you trust: it can run code).")
+    allow_unparseable_answers: bool = opt(False, "Train on samples whose answer holds no point evaluation can read "
+                                                 "(listed as a warning); eval and personalize always refuse them.")
     max_length: int = opt(8192, "Longest sample in tokens (image tokens included); longer samples are an error.")
     validation_workers: int = opt(8, "Processes that decode images during validation.")
 
@@ -54,7 +59,8 @@ class DataConfig:
 class TrainConfig:
     method: str = opt("lora", "lora or full (the whole language model; vision and projector stay frozen).")
     output_dir: str = opt(".", "Folder that receives global_agent_lora/ or global_agent_full/.")
-    learning_rate: float = opt(1e-6, "Peak learning rate (seed: 1e-6; peers use 1e-4 for LoRA).")
+    learning_rate: float | None = opt(None, "Peak learning rate (None: by method, 1e-4 for LoRA, 1e-6 for full "
+                                            "fine-tuning; the seed used 1e-6 for both).")
     epochs: float = opt(1.0, "Passes over the training data.")
     max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: run the epochs).")
     effective_batch: int = opt(8, "Samples per optimizer step over all GPUs (seed: 8); the loss is normalised over "
@@ -130,6 +136,21 @@ class EvalSettings:
     batch_size: int = opt(32, "Prompts per generate() call; prompts are grouped by length and left-padded.")
     max_new_tokens: int = opt(128, "Most tokens generated per answer (the seed used 512; answers are ~30).")
     workers: int = opt(4, "DataLoader processes that decode images and tokenize.")
+    fast_generation: bool = opt(True, "Answer through pigg's decoding loop (no padding mask, static cache, decoding "
+                                      "step as a CUDA graph); false: transformers' generate(), the same greedy "
+                                      "answers the slow way.")
+    prior_users: str | None = opt(None, "Training users whose ground-truth points fit the global prior baseline "
+                                        "(None: the users recorded in the checkpoint's provenance.json, else the "
+                                        "seed's 11-83 when their files exist).")
+    prior_data_root: str | None = opt(None, "Folder with the global prior's training users' files (None: the "
+                                            "checkpoint's training data_root, else data.data_root).")
+    benchmark: str | None = opt(None, "Evaluate on a public benchmark instead of user data: screenspot, screenspot-v2 "
+                                      "or screenspot-pro, read from benchmark_root.")
+    benchmark_root: str | None = opt(None, "Folder with the benchmark's files as published (screenspot_*.json and "
+                                           "its image folder, or annotations/ and images/).")
+    prompt: str = opt("pigg", "How a benchmark or `pigg predict` asks the model: pigg (the training data's "
+                              "instruction prompt) or qwen (Qwen3-VL's own JSON pointing format). User data "
+                              "carries its own prompt.")
 
 
 @dataclass
@@ -143,6 +164,23 @@ class PersonalizeSettings:
 
 
 @dataclass
+class RLSettings:
+    start: str | None = opt(None, "What GRPO starts from: a global output (global_agent_lora/ or global_agent_full/), a "
+                                  "personalized fold (personal_agent_lora/user_N/fold_K/) or None: model.name_or_path.")
+    generations: int = opt(8, "G: answers sampled for each prompt; their rewards are compared within the group.")
+    prompts_per_step: int = opt(4, "Prompts (each with its G answers) per optimizer step over all processes.")
+    temperature: float = opt(1.0, "Sampling temperature of the answers.")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.")
+    max_new_tokens: int = opt(128, "Most tokens per sampled answer.")
+    click_reward: str = opt("hit", "hit: 1 within 140 units of the true point in 0-1000 space, else 0; distance: "
+                                   "1 - d / 280, floored at 0 (pigg.grounding.rewards).")
+    click_weight: float = opt(1.0, "Weight of the click reward in the total reward.")
+    format_weight: float = opt(0.5, "Weight of the format reward (closed referring block, grounding block with a point).")
+    beta: float = opt(0.04, "Weight of the KL penalty to the starting model (0: none, and no reference pass).")
+    epsilon: float = opt(0.2, "Clip range of the policy ratio.")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -151,10 +189,12 @@ class RunConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     personalize: PersonalizeSettings = field(default_factory=PersonalizeSettings)
     fast: FastConfig = field(default_factory=FastConfig)
+    rl: RLSettings = field(default_factory=RLSettings)
 
 
 SECTIONS = {"model": ModelConfig, "lora": LoraSettings, "data": DataConfig, "train": TrainConfig,
-            "eval": EvalSettings, "personalize": PersonalizeSettings, "fast": FastConfig}
+            "eval": EvalSettings, "personalize": PersonalizeSettings, "fast": FastConfig,
+            "rl": RLSettings}
 # Older runs wrote the speed switches under `train`; their pigg_config.yaml still loads.
 MOVED_TO_FAST = {f.name for f in dataclasses.fields(FastConfig)}
 
@@ -175,14 +215,23 @@ def from_dict(data: dict, base: RunConfig | None = None, source: str = "config")
         if section not in SECTIONS:
             problems.append(f"{source}: unknown section '{section}' (known: {', '.join(SECTIONS)})")
             continue
-        names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        kinds = {f.name: str(f.type) for f in dataclasses.fields(SECTIONS[section])}
         for key, value in (values or {}).items():
             if section == "train" and key in MOVED_TO_FAST:
-                setattr(cfg.fast, key, value)
-            elif key not in names:
+                section_of_key, kind = "fast", str(next(f.type for f in dataclasses.fields(FastConfig) if f.name == key))
+            elif key not in kinds:
                 problems.append(f"{source}: unknown field '{section}.{key}'")
+                continue
             else:
-                setattr(getattr(cfg, section), key, value)
+                section_of_key, kind = section, kinds[key]
+            if "float" in kind and isinstance(value, str):
+                # YAML 1.1 reads 1e-4 (no dot) as a string; a float field takes it as the number it spells
+                try:
+                    value = float(value)
+                except ValueError:
+                    problems.append(f"{source}: {section}.{key} must be a number, got {value!r}")
+                    continue
+            setattr(getattr(cfg, section_of_key), key, value)
     if problems:
         raise ConfigError("\n".join(problems))
     return cfg
@@ -197,8 +246,18 @@ def save_yaml(cfg: RunConfig, path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Fill the settings whose default depends on another one: train.learning_rate on train.method. Every
+    run resolves before it prints or saves its configuration, so pigg_config.yaml holds the number."""
+    if cfg.train.learning_rate is None and cfg.train.method in LEARNING_RATES:
+        cfg.train.learning_rate = LEARNING_RATES[cfg.train.method]
+    return cfg
+
+
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check every field; raise one ConfigError listing all problems."""
+    """Resolve the method-dependent defaults, then check every field; raise one ConfigError listing all
+    problems."""
+    resolve(cfg)
     p = []
     t, d, m, lo = cfg.train, cfg.data, cfg.model, cfg.lora
     if t.method not in ("lora", "full"):
@@ -208,7 +267,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("effective_batch", "batch_size", "grad_accum", "save_steps", "save_total_limit", "logging_steps"):
         if getattr(t, name) is not None and getattr(t, name) < 1:
             p.append(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if not t.learning_rate > 0:
+    if t.learning_rate is not None and not t.learning_rate > 0:
         p.append(f"train.learning_rate must be > 0, got {t.learning_rate}")
     if t.epochs <= 0 and t.max_steps <= 0:
         p.append("train.epochs must be > 0 unless train.max_steps is set")
@@ -237,6 +296,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                  f"(got folds={ps.folds}, split={ps.split!r}, fold={ps.fold})")
     if ps.split == "time" and ps.fold == 1:
         p.append("personalize.fold: the time split has no fold 1 (nothing comes before the first block)")
+    p += rl_problems(cfg.rl)
     if d.max_length < 64:
         p.append(f"data.max_length must be >= 64, got {d.max_length}")
     try:
@@ -248,6 +308,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     if p:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(p))
     return cfg
+
+
+def rl_problems(r: RLSettings) -> list[str]:
+    p = []
+    if r.generations < 2 or r.prompts_per_step < 1 or r.max_new_tokens < 1:
+        p.append(f"rl: need generations >= 2, prompts_per_step >= 1, max_new_tokens >= 1 (got {r.generations}, "
+                 f"{r.prompts_per_step}, {r.max_new_tokens})")
+    if r.click_reward not in ("hit", "distance"):
+        p.append(f"rl.click_reward must be hit or distance, got {r.click_reward!r}")
+    if r.temperature <= 0 or not 0 < r.top_p <= 1 or r.beta < 0 or r.epsilon <= 0:
+        p.append(f"rl: need temperature > 0, 0 < top_p <= 1, beta >= 0, epsilon > 0 (got {r.temperature}, "
+                 f"{r.top_p}, {r.beta}, {r.epsilon})")
+    return p
 
 
 def output_folder(cfg: RunConfig) -> Path:

@@ -14,13 +14,20 @@ Every model is loaded once per process; users and folds run one after another. A
 writes `fold.json` last and is skipped by a rerun; predictions are appended as they are made, so an
 interrupted run continues where it stopped.
 
+Baselines. Beside the three models, two constant answers are scored on the same held-out samples
+(pigg.grounding.priors): the global prior, fitted on the global run's training users (its
+provenance.json), and the user prior, fitted per user and fold on that fold's training part only. A
+personalized model that does no better than the user prior learned the user's favourite screen region,
+not the user.
+
 Output, OUT/personal_agent_{method}/:
   pigg_config.yaml, provenance.json, splits.json   the run's configuration and each user's folds
   vanilla/, global/         zero-shot and global predictions and metrics on every held-out sample
   user_{id}/fold_{k}/       adapter (or weights), processor, eval/, fold.json (checkpoints/ while it runs)
-  user_{id}/summary.json    vanilla, global and personalized per fold and pooled over folds
+  user_{id}/summary.json    the models and baselines per fold (the user prior with its point) and pooled
   personalized/             the folds' held-out predictions together (each sample predicted by the
                             model that did not train on it) and their metrics
+  {vanilla,global,personalized}/baselines/   the baselines on that folder's samples, listed in its metrics.json
   summary.json, report.html
 """
 import dataclasses
@@ -34,13 +41,15 @@ import torch
 
 from pigg import config as C
 import pigg.grounding.metrics as M
+from pigg.grounding.priors import attach as attach_priors, baseline_records, describe, global_prior, user_prior
 
-PERSONALIZE_DEFAULTS = {  # design.md section 3; the run's other settings are the global run's
+PERSONALIZE_DEFAULTS = {  # the seed's 4_finetune_person.py; the run's other settings are the global run's
     "data": {"users": "1-10"},
     "train": {"learning_rate": 2e-5, "epochs": 3.0, "effective_batch": 4, "warmup_steps": 5, "weight_decay": 0.01,
               "save_steps": 500},
 }
 MODELS = ("vanilla", "global", "personalized")
+BASELINES = ("global_prior", "user_prior")  # constant answers, not models (pigg.grounding.priors)
 # Settings that change what a fold learns or how it is split: a rerun into the same folder must keep them.
 SAME_RUN_FIELDS = {"model": None, "lora": None, "personalize": ("base", "folds", "split", "split_seed"),
                    "train": ("method", "learning_rate", "epochs", "max_steps", "effective_batch", "warmup_steps",
@@ -113,7 +122,7 @@ def _personalize(cfg: C.RunConfig) -> Path:
     print_config(cfg)
     print(f"personalize: start from {ps.base} (base {base_model}" +
           (", global adapter merged into it" if global_adapter else "") + f") -> {out}")
-    samples, sizes = load_samples(cfg.data)
+    samples, sizes = load_samples(cfg.data, scored=True)  # held-out answers are scored
     processor = load_processor(ps.base, cfg.model.min_pixels, cfg.model.max_pixels)
     tokens = max(check_lengths(processor, samples, sizes, cfg.data.max_length))
     by_user = {}
@@ -124,6 +133,7 @@ def _personalize(cfg: C.RunConfig) -> Path:
     C.save_yaml(cfg, out / "pigg_config.yaml")
     write_splits(out / "splits.json", by_user, splits, ps)
     jobs = [(u, k) for u in by_user for k in splits[u] if ps.fold is None or k == ps.fold]
+    priors = [global_prior(cfg, [ps.base]), user_prior(by_user, splits)]
     held_out = [by_user[u][i] for u, k in jobs for i in splits[u][k][1]]
     print(f"personalize: {len(by_user)} user(s), {len(jobs)} fold(s), {len(held_out)} held-out samples")
 
@@ -136,7 +146,9 @@ def _personalize(cfg: C.RunConfig) -> Path:
         test_part = [by_user[user][i] for i in splits[user][k][1]]
         model = run_fold(model, start, processor, train_part, test_part, sizes, tokens, cfg,
                          out / f"user_{user}" / f"fold_{k}")
-    write_summaries(out, by_user, splits)
+    write_summaries(out, by_user, splits, priors)
+    for m in MODELS:
+        attach_priors(out / m, priors)
     from pigg.grounding.report import write_report
 
     report = write_report([out / m for m in MODELS], out / "report.html", labels=list(MODELS))
@@ -199,7 +211,8 @@ def evaluate_into(model, processor, samples, sizes, out_dir: Path, cfg, label: s
     e = cfg.eval
     model.config.use_cache = True
     metrics = evaluate(model, processor, samples, sizes, out_dir, e.batch_size, e.max_new_tokens, e.workers,
-                       meta=dict(label=label, base=cfg.personalize.base, users=cfg.data.users))
+                       meta=dict(label=label, base=cfg.personalize.base, users=cfg.data.users),
+                       fast=e.fast_generation)
     model.config.use_cache = False
     return metrics
 
@@ -266,10 +279,15 @@ def _release_training_state(model) -> None:
         torch.cuda.empty_cache()
 
 
-def write_summaries(out: Path, by_user: dict, splits: dict) -> dict:
-    """Per user and fold: the three models on the fold's held-out samples; pooled over folds; all users."""
+def write_summaries(out: Path, by_user: dict, splits: dict, priors: list) -> dict:
+    """Per user and fold: the three models and the baselines on the fold's held-out samples; pooled over
+    folds; all users."""
     runs = {m: _records(out, m) for m in MODELS}
-    pooled = {m: {} for m in MODELS}
+    ready = [p for p in priors if p.point_for is not None]  # an unavailable one is only described
+    # The baselines answer exactly the samples of the finished folds (the personalized records).
+    runs.update({p.name: baseline_records(runs["personalized"], p) for p in ready})
+    names = [*MODELS, *(p.name for p in ready)]
+    pooled = {m: {} for m in names}
     for user in by_user:
         folds = {}
         for k in splits[user]:
@@ -277,16 +295,21 @@ def write_summaries(out: Path, by_user: dict, splits: dict) -> dict:
                 continue
             test = {by_user[user][i].index for i in splits[user][k][1]}
             folds[str(k)] = {}
-            for m in MODELS:
+            for m in names:
                 records = [r for r in runs[m].get(user, []) if r["index"] in test]
                 folds[str(k)][m] = M.summarize(records)
                 pooled[m].setdefault(user, []).extend(records)
+            for p in ready:  # the point each baseline answered on this fold
+                first = by_user[user][splits[user][k][1][0]].index
+                folds[str(k)][p.name] = {"point": list(p.point_for(user, first)), **folds[str(k)][p.name]}
         if folds:
-            summary = {"folds": folds, "pooled": {m: M.summarize(pooled[m][user]) for m in MODELS}}
+            summary = {"folds": folds, "pooled": {m: M.summarize(pooled[m][user]) for m in names}}
             (out / f"user_{user}" / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     from pigg.evaluate import write_json_atomic
 
     overall = {m: M.aggregate(pooled[m]) for m in MODELS}
+    for p in priors:
+        overall[p.name] = {"label": p.label, "baseline": p.info, **(M.aggregate(pooled[p.name]) if p.point_for else {})}
     write_json_atomic(out / "summary.json", overall)
     _write_personalized_run(out, pooled["personalized"])
     print(format_summary(overall))
@@ -321,12 +344,17 @@ def _write_personalized_run(out: Path, per_user: dict) -> None:
 
 def format_summary(overall: dict) -> str:
     users = sorted(overall["personalized"]["users"], key=int)
-    lines = [f"{'user':>6} {'n':>6} " + " ".join(f"{m:>13}" for m in MODELS) + "   (Click Acc@140 on held-out folds)"]
+    names = [*MODELS, *(b for b in BASELINES if "micro" in overall.get(b, {}))]
+    heads = [overall[m]["label"] + " *" if m in BASELINES else m for m in names]
+    lines = [f"{'user':>6} {'n':>6} " + " ".join(f"{h:>15}" for h in heads) + "   (Click Acc@140 on held-out folds)"]
     for user in users:
-        row = [overall[m]["users"].get(user, {}).get("click_acc_140") for m in MODELS]
+        row = [overall[m]["users"].get(user, {}).get("click_acc_140") for m in names]
         lines.append(f"{user:>6} {overall['personalized']['users'][user]['n']:>6} " +
-                     " ".join(f"{'-' if v is None else f'{100 * v:.1f}%':>13}" for v in row))
+                     " ".join(f"{'-' if v is None else f'{100 * v:.1f}%':>15}" for v in row))
     for scope in ("micro", "macro"):
-        row = [overall[m][scope].get("click_acc_140") for m in MODELS]
-        lines.append(f"{scope:>6} {'':>6} " + " ".join(f"{'-' if v is None else f'{100 * v:.1f}%':>13}" for v in row))
+        row = [overall[m][scope].get("click_acc_140") for m in names]
+        lines.append(f"{scope:>6} {'':>6} " + " ".join(f"{'-' if v is None else f'{100 * v:.1f}%':>15}" for v in row))
+    for b in BASELINES:
+        if b in overall:
+            lines.append(f"* baseline {overall[b]['label']}: {describe(overall[b]['baseline'])}")
     return "\n".join(lines)

@@ -1,16 +1,20 @@
 """The seed system's command lines, translated onto `pigg`.
 
-    python 2_finetune_global.py 0 --lora          ->  pigg train --lora --gpus 0
-    python 2_finetune_global.py 0,1               ->  pigg train --full --gpus 0,1   (FSDP over 2 GPUs)
+    python 2_finetune_global.py 0 --lora          ->  pigg train --lora --gpus 0 --lr 1e-6
+    python 2_finetune_global.py 0,1               ->  pigg train --full --gpus 0,1 --lr 1e-6   (FSDP over 2 GPUs)
     python 2_finetune_global.py 0 --lora --u 11 50 -> ... --users 11-50   (two numbers: a range)
 
-Any other flag is passed to `pigg train` unchanged (e.g. --data-root, --output-dir).
+The seed trained at lr 1e-6 with both methods; `pigg train` picks its learning rate by method (1e-4 for
+LoRA), so the translation passes the seed's 1e-6 to run the seed's recipe. Any other flag is passed to
+`pigg train` unchanged and comes after it, so `--lr` given here wins (e.g. --data-root, --output-dir, --lr).
 """
 import argparse
 import os
 import sys
 
 from pigg.data.users import seed_users_arg
+
+SEED_LR = "1e-6"  # 2_finetune_global.py's learning rate, LoRA and full alike
 
 
 def translate_finetune_global(argv: list[str]) -> tuple[dict, list[str]]:
@@ -21,7 +25,7 @@ def translate_finetune_global(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--u", nargs="+", type=int, help="users: two numbers are a range, more a list")
     args, rest = parser.parse_known_args(argv)
     env = _gpu_env(parser, args.gpus)
-    out = ["train", "--lora" if args.lora else "--full", "--gpus", env["CUDA_VISIBLE_DEVICES"]]
+    out = ["train", "--lora" if args.lora else "--full", "--gpus", env["CUDA_VISIBLE_DEVICES"], "--lr", SEED_LR]
     if args.u:
         out += ["--users", seed_users_arg(args.u)]
     return env, out + rest

@@ -97,7 +97,10 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
 
 
 def print_config(cfg) -> None:
-    print(f"method: {cfg.train.method}   model: {cfg.model.name_or_path}   device: {device()}")
+    lr = cfg.train.learning_rate
+    by_method = " (pigg's default for this method)" if lr == C.LEARNING_RATES.get(cfg.train.method) else ""
+    print(f"method: {cfg.train.method}   learning rate: {lr:g}{by_method}   model: {cfg.model.name_or_path}   "
+          f"device: {device()}")
     print("resolved config:\n  " + C.yaml.safe_dump(C.to_dict(cfg), sort_keys=False).replace("\n", "\n  "))
     if cfg.train.method == "lora" and cfg.train.learning_rate <= 1e-5:
         print(f"note: LoRA at lr {cfg.train.learning_rate:g} is the seed's value (Qwen's advice for full "

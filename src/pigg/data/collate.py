@@ -90,7 +90,7 @@ class TrainCollator:
         self.padding_mask = padding_mask
         self.pad_to_multiple = pad_to_multiple
         self.pixel_dtype = pixel_dtype
-        self.header, self.end = turn_tokens(processor.tokenizer)
+        self.header, self.end, self.newline = turn_tokens(processor.tokenizer)
 
     def __call__(self, samples: list[Sample]) -> dict:
         texts = [render(self.processor, s.messages) for s in samples]
@@ -102,7 +102,7 @@ class TrainCollator:
             if n > self.max_length:
                 raise ValueError(f"{s.where}: {n} tokens (image tokens included) exceed data.max_length="
                                  f"{self.max_length}; raise the limit or lower model.max_pixels (never truncated)")
-        labels = assistant_labels(batch["input_ids"], self.header, self.end)
+        labels = assistant_labels(batch["input_ids"], self.header, self.end, self.newline)
         labels[batch["attention_mask"] == 0] = IGNORE_INDEX
         for s, n in zip(samples, (labels != IGNORE_INDEX).sum(1).tolist()):
             if n == 0:

@@ -53,25 +53,19 @@ def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels:
 
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
-        template = tokenizer.chat_template or _folder_chat_template(name_or_path)
-        processor = ImageOnlyQwen3VLProcessor(image_processor, tokenizer, chat_template=template)
+        processor = ImageOnlyQwen3VLProcessor(image_processor, tokenizer, chat_template=processor_chat_template(name_or_path))
     set_resolution(processor, min_pixels, max_pixels)
     if processor.chat_template is None:
-        raise ValueError(f"{name_or_path}: the processor has no chat template")
+        raise ValueError(f"{name_or_path}: the processor has no chat template (chat_template.json or "
+                         "chat_template.jinja; the tokenizer's own is not used, as stock AutoProcessor does not)")
     return processor
 
 
-def _folder_chat_template(name_or_path: str) -> str | None:
-    for name in ("chat_template.jinja", "chat_template.json"):
-        path = Path(name_or_path) / name
-        if path.is_file():
-            text = path.read_text()
-            if name.endswith(".json"):
-                import json
-
-                text = json.loads(text)["chat_template"]
-            return text
-    return None
+def processor_chat_template(name_or_path: str):
+    """The chat template stock `AutoProcessor` gives the processor of this checkpoint, found the way it finds
+    it (chat_template.json, else chat_template.jinja and chat_templates/), never the tokenizer's own: the two
+    can differ, and with or without torchvision pigg must render the same prompts."""
+    return Qwen3VLProcessor.get_processor_dict(name_or_path)[0].get("chat_template")
 
 
 def set_resolution(processor, min_pixels: int | None, max_pixels: int | None) -> None:
@@ -98,6 +92,11 @@ def save_processor(processor, path) -> None:
     """Save so that stock `AutoProcessor` loads it as a Qwen3VLProcessor where torchvision exists."""
     import json
 
+    # A call with pad_to_multiple_of (the training collator's) leaves that padding set on the fast
+    # tokenizer's backend, and save_pretrained would write it into tokenizer.json for every later user.
+    backend = getattr(processor.tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
     processor.save_pretrained(path)
     if getattr(processor, "video_processor", None) is None:
         # Stock Qwen3VLProcessor insists on a video processor config; Qwen3-VL's own settings.

@@ -15,6 +15,9 @@ Per group of records (`summarize`):
 Over users (`aggregate`): "micro" pools every sample (each sample weighs the same); "macro" is the
 plain mean of the per-user values (each user weighs the same), skipping users where a value is None.
 
+A prior baseline's constant point is scored by `score_point` into the same records, so the same
+summaries describe models and baselines (pigg.grounding.priors).
+
 Nothing is rounded here; reporting code does that.
 """
 import math
@@ -38,6 +41,22 @@ def distance(pred, gt) -> float | None:
 
 def is_hit(d: float | None) -> bool:
     return d is not None and d <= RADIUS
+
+
+def to_pixels(point, size) -> tuple[float, float]:
+    """A 0-1000 point in the pixels of a (width, height) image; each axis scales by its own side."""
+    return (point[0] * size[0] / 1000, point[1] * size[1] / 1000)
+
+
+def to_relative(pixel, size) -> tuple[float, float]:
+    """A pixel position of a (width, height) image in 0-1000 space."""
+    return (pixel[0] * 1000 / size[0], pixel[1] * 1000 / size[1])
+
+
+def in_box(pixel, box) -> bool:
+    """The point (pixels) lies inside box (x1, y1, x2, y2 in pixels), edges included, as the ScreenSpot
+    benchmarks score it; no point is a miss."""
+    return pixel is not None and box[0] <= pixel[0] <= box[2] and box[1] <= pixel[1] <= box[3]
 
 
 def normalize_referring(text: str | None) -> str:
@@ -90,20 +109,30 @@ def score_sample(answer: str, truth: str) -> dict:
         shown = repr(truth)
         raise ValueError(f"no point in the ground-truth answer {shown[:200]}{'...' if len(shown) > 200 else ''}")
     pred = parse_answer(answer)
-    d = distance(pred.point, gt.point)
     # The seed rule is scored against our reading of the truth, so only the prediction rule differs.
-    seed = seed_point(answer)
-    seed_d = distance(seed, gt.point)
+    return _record(pred.point, pred.referring, gt.point, gt.referring, seed_point(answer))
+
+
+def score_point(point, gt_point, gt_referring: str | None = None) -> dict:
+    """The record of an answer that is a point and nothing else, as a prior baseline answers: it names
+    no element (referring scores 0) and the seed rule reads the same point."""
+    point = (float(point[0]), float(point[1]))
+    return _record(point, None, (float(gt_point[0]), float(gt_point[1])), gt_referring, point)
+
+
+def _record(pred_point, pred_referring, gt_point, gt_referring, seed) -> dict:
+    d = distance(pred_point, gt_point)
+    seed_d = distance(seed, gt_point)
     return {
-        "pred_point": None if pred.point is None else list(pred.point),
-        "pred_referring": pred.referring,
-        "gt_point": list(gt.point),
-        "gt_referring": gt.referring,
+        "pred_point": None if pred_point is None else list(pred_point),
+        "pred_referring": pred_referring,
+        "gt_point": list(gt_point),
+        "gt_referring": gt_referring,
         "distance": d,
         "hit": is_hit(d),
-        "parse_ok": pred.point is not None,
-        "referring_exact": referring_exact(pred.referring, gt.referring),
-        "referring_f1": referring_f1(pred.referring, gt.referring),
+        "parse_ok": pred_point is not None,
+        "referring_exact": referring_exact(pred_referring, gt_referring),
+        "referring_f1": referring_f1(pred_referring, gt_referring),
         "seed_point": list(seed),
         "seed_distance": seed_d,
         "seed_hit": is_hit(seed_d),

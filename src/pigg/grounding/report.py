@@ -5,6 +5,10 @@ everything is inline: CSS, SVG charts, and screenshots as base64 JPEG thumbnails
 comes from the data (commands, model answers, labels, paths) is HTML-escaped, because model answers
 are untrusted text. The output depends only on the inputs: no timestamps, sorted users, fixed float
 formatting, so two reports of the same runs are byte-identical and diff cleanly.
+
+Prior baselines (pigg.grounding.priors) listed in a run's metrics.json come along: shown beside the
+models in every table and chart, tagged "baseline" and drawn dashed, never ranked as best and without
+a gallery. The same baseline on the same samples, listed by several runs, is shown once.
 """
 import base64
 import html
@@ -17,8 +21,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from pigg.grounding.priors import RULE, describe, point_text
+
 HIT_RADIUS = 140  # Click Acc@140: a hit is within 140 units of the GT point in 0-1000 space
 RUN_COLOURS = ("#4e79a7", "#f28e2b", "#76b7b2", "#b07aa1", "#edc948", "#9c755f", "#bab0ac", "#59a14f")
+BASELINE_COLOURS = ("#3f3f46", "#7e22ce", "#c2410c", "#0f766e")  # dark and drawn dashed, apart from the models
+DASH = "7 4"
 # Overlay colours are saturated values that synthetic icons and JPEG noise are unlikely to produce
 # exactly, so a screenshot test can find them.
 GT_COLOUR, PRED_COLOUR, HIT_COLOUR, MISS_COLOUR = "#0050ff", "#ff1744", "#00c853", "#ff1744"
@@ -38,6 +46,7 @@ class Run:
     metrics: dict
     predictions: list  # one dict per sample, users in numeric order, file order within a user
     colour: str = ""
+    baseline: dict | None = None  # what a prior baseline answers (its metrics.json "baseline"); None: a model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +59,8 @@ def load_run(folder, label: str | None = None) -> Run:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {folder} a `pigg eval` run folder?")
     metrics = json.loads(path.read_text())
-    return Run(label or metrics.get("label") or folder.name, folder, metrics, load_predictions(folder))
+    return Run(label or metrics.get("label") or folder.name, folder, metrics, load_predictions(folder),
+               baseline=metrics.get("baseline"))
 
 
 def load_predictions(folder: Path) -> list:
@@ -87,13 +97,50 @@ def load_runs(run_dirs: list, labels: list | None) -> list:
         raise ValueError("write_report needs at least one run folder")
     if labels is not None and len(labels) != len(run_dirs):
         raise ValueError(f"got {len(labels)} labels for {len(run_dirs)} run folders")
-    runs = [load_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
-    names = [r.label for r in runs]
+    given = [load_run(d, labels[i] if labels else None) for i, d in enumerate(run_dirs)]
+    names = [r.label for r in given]
     if len(set(names)) != len(names):
         raise ValueError(f"run labels must differ so the charts can tell them apart, got {names}; pass labels=")
-    for i, run in enumerate(runs):
+    models = [r for r in given if r.baseline is None]
+    baselines = unique_baselines([("", r) for r in given if r.baseline is not None] + listed_baselines(models))
+    for i, run in enumerate(models):
         run.colour = RUN_COLOURS[i % len(RUN_COLOURS)]
-    return runs
+    for i, run in enumerate(baselines):
+        run.colour = BASELINE_COLOURS[i % len(BASELINE_COLOURS)]
+        if run.label in {m.label for m in models}:  # the charts key their lines by label
+            run.label += " (baseline)"
+    return models + baselines
+
+
+def listed_baselines(models: list) -> list:
+    """(the model's label, baseline run) for every available baseline the models' metrics.json list."""
+    found = []
+    for model in models:
+        for entry in model.metrics.get("baselines", {}).values():
+            if "folder" in entry:
+                found.append((model.label, load_run(model.folder / entry["folder"], entry["label"])))
+    return found
+
+
+def unique_baselines(found: list) -> list:
+    """One run per distinct baseline: the same answers to the same samples count once. Distinct ones that
+    share a label (runs with different training data) are told apart by the run that lists them."""
+    unique = {}
+    for owner, run in found:
+        answers = tuple((p["user"], p["index"], tuple(p["pred_point"] or ())) for p in run.predictions)
+        unique.setdefault((run.label, answers), (owner, run))
+    shared = Counter(run.label for _, run in unique.values())
+    for owner, run in unique.values():
+        if shared[run.label] > 1:
+            run.label = f"{run.label} · {owner or run.folder.name}"
+    return [run for _, run in unique.values()]
+
+
+def unavailable_baselines(runs: list) -> list:
+    """(label, why) of the baselines a model's metrics.json lists as not available."""
+    notes = {(e["label"], e["baseline"].get("unavailable", "")) for r in runs if r.baseline is None
+             for e in r.metrics.get("baselines", {}).values() if "folder" not in e}
+    return sorted(notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,13 +176,38 @@ def swatch(colour: str) -> str:
     return f'<span class="swatch" style="background:{colour}"></span>'
 
 
+def mark(run: Run) -> str:
+    """A run's key in tables and legends: a colour square for a model, a dashed line for a baseline."""
+    if run.baseline is None:
+        return swatch(run.colour)
+    return (f'<svg class="dash" width="22" height="10" viewBox="0 0 22 10"><line x1="1" y1="5" x2="21" y2="5" '
+            f'stroke="{run.colour}" stroke-width="2.5" stroke-dasharray="5 3"/></svg>')
+
+
+def name_of(run: Run) -> str:
+    tag = '<span class="tag">baseline</span>' if run.baseline is not None else ""
+    return f"{mark(run)}{esc(run.label)}{tag}"
+
+
 def cells(values: list, fmt, better: int) -> str:
     best = best_of(values, better)
     return "".join(_cell(v, fmt, i in best) for i, v in enumerate(values))
 
 
-def _cell(value, fmt, best: bool) -> str:
-    return f'<td class="best">{fmt(value)}</td>' if best else f"<td>{fmt(value)}</td>"
+def run_cells(runs: list, values: list, fmt, better: int) -> str:
+    """One cell per run; baseline columns greyed, the best model highlighted."""
+    best = best_among_models(runs, values, better)
+    return "".join(_cell(v, fmt, i in best, r.baseline is not None) for i, (r, v) in enumerate(zip(runs, values)))
+
+
+def best_among_models(runs: list, values: list, better: int) -> set:
+    # A baseline is a yardstick, not a contender: it is never highlighted.
+    return best_of([None if r.baseline is not None else v for r, v in zip(runs, values)], better)
+
+
+def _cell(value, fmt, best: bool, baseline: bool = False) -> str:
+    kind = "best" if best else "baseline" if baseline else ""
+    return f'<td class="{kind}">{fmt(value)}</td>' if kind else f"<td>{fmt(value)}</td>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,33 +230,101 @@ def runs_section(runs: list) -> str:
         f"<tr><td>{swatch(r.colour)}<b>{esc(r.label)}</b></td><td>{esc(r.metrics.get('model', '—'))}</td>"
         f"<td>{esc(r.metrics.get('adapter') or 'none (base weights)')}</td>"
         f"<td>{esc(r.metrics.get('max_new_tokens', '—'))}</td><td><code>{esc(r.folder)}</code></td></tr>"
-        for r in runs)
+        for r in runs if r.baseline is None)
     return ('<section><h2>Runs compared</h2><table id="runs"><thead><tr><th>Run</th><th>Model</th>'
             "<th>Adapter</th><th>max_new_tokens</th><th>Folder</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table></section>")
+            f"<tbody>{rows}</tbody></table>{baselines_table(runs)}</section>")
+
+
+def baselines_table(runs: list) -> str:
+    baselines, missing = [r for r in runs if r.baseline is not None], unavailable_baselines(runs)
+    if not baselines and not missing:
+        return ('<p class="note">No prior baselines: these runs\' metrics.json list none (runs from before '
+                "pigg scored them, or benchmarks).</p>")
+    rows = "".join(f"<tr><td>{name_of(r)}</td><td>{esc(describe(r.baseline))}</td>"
+                   f"<td>{training_of(r.baseline)}</td><td><code>{esc(r.folder)}</code></td></tr>" for r in baselines)
+    rows += "".join(f'<tr class="unavailable"><td>{esc(label)}<span class="tag">baseline</span></td>'
+                    f'<td colspan="3">not available: {esc(why)}</td></tr>' for label, why in missing)
+    return ('<h3>Baselines</h3><table id="baselines"><thead><tr><th>Baseline</th><th>Answers</th>'
+            f"<th>Fitted on</th><th>Folder</th></tr></thead><tbody>{rows}</tbody></table>"
+            f'<p class="note">A baseline answers the same point whatever the screen and the command: {esc(RULE)}. '
+            "It is fitted on training data only and scored like the models, on exactly their samples; it names "
+            "no element, so its referring scores are 0. A model that does not beat it has learned where targets "
+            "usually are, not how to find them.</p>")
+
+
+def training_of(info: dict) -> str:
+    """The baseline's training data, in a table cell."""
+    fitted = info.get("fitted_on")
+    if isinstance(fitted, dict):
+        seen = fitted.get("evaluated_users_among_them")
+        return (f"{fitted['users']} ({esc(fitted['chosen_by'])}) in <code>{esc(fitted['data_root'])}</code>; "
+                f"training Click Acc@140 {pct(info['train_click_acc_140'])}"
+                + (f'; <span class="warn">includes evaluated users {esc(seen)}</span>' if seen else ""))
+    folds = info.get("folds", {})
+    points = "; ".join(f"user {esc(u)}: " + " ".join(point_text(f["point"]) for _, f in sorted(folds[u].items()))
+                       for u in sorted(folds, key=_user_key))
+    return f'{esc(fitted)}<div class="points">{points}</div>'
 
 
 def summary_section(runs: list) -> str:
-    head = "".join(f'<th colspan="2">{swatch(r.colour)}{esc(r.label)}</th>' for r in runs)
-    sub = "<th>micro</th><th>macro</th>" * len(runs)
+    head = "".join(f'<th colspan="2"{_baseline_class(r)}>{name_of(r)}</th>' for r in runs)
+    sub = "".join(f"<th{_baseline_class(r)}>micro</th><th{_baseline_class(r)}>macro</th>" for r in runs)
     body = ""
-    for name, key, fmt, better in SUMMARY_ROWS:
+    in_box = [IN_BOX_ROW] if any("in_box" in r.metrics.get("micro", {}) for r in runs) else []
+    for name, key, fmt, better in in_box + list(SUMMARY_ROWS):
         micro = [r.metrics.get("micro", {}).get(key) for r in runs]
         macro = [r.metrics.get("macro", {}).get(key) for r in runs]
-        best_micro, best_macro = best_of(micro, better), best_of(macro, better)
-        row = "".join(_cell(micro[i], fmt, i in best_micro) + _cell(macro[i], fmt, i in best_macro)
-                      for i in range(len(runs)))
+        best_micro, best_macro = best_among_models(runs, micro, better), best_among_models(runs, macro, better)
+        row = "".join(_cell(micro[i], fmt, i in best_micro, r.baseline is not None) +
+                      _cell(macro[i], fmt, i in best_macro, r.baseline is not None) for i, r in enumerate(runs))
         body += f'<tr class="{key}"><th>{esc(name)}</th>{row}</tr>'
     sizes = "".join(f"<td>{count(r.metrics.get('micro', {}).get('n'))} samples</td>"
                     f"<td>{count(r.metrics.get('macro', {}).get('n_users'))} users</td>" for r in runs)
     body += f'<tr class="n"><th>n</th>{sizes}</tr>'
-    return (f'<section><h2>Overall</h2><table id="summary"><thead><tr><th rowspan="2">Metric</th>{head}</tr>'
-            f"<tr>{sub}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<section><h2>Overall</h2><div class="scroll"><table id="summary"><thead><tr><th rowspan="2">Metric'
+            f"</th>{head}</tr><tr>{sub}</tr></thead><tbody>{body}</tbody></table></div>"
             '<p class="note">Micro pools every sample; macro averages the per-user values, so each user '
             "counts once. Click Acc@140: the predicted point lies within 140 units of the ground truth in "
             "0-1000 space; unparsed answers count as misses. The seed rule row scores the same answers the "
             "way the replaced seed scripts did; it is shown only to compare with their old numbers. "
-            "Highlighted: best run in the row.</p></section>")
+            "Highlighted: best model in the row." + (" Grey columns tagged baseline always answer one point (see "
+            "Baselines above); they are never highlighted." if any(r.baseline is not None for r in runs) else "")
+            + "</p></section>")
+
+
+def _baseline_class(run: Run) -> str:
+    return ' class="baseline"' if run.baseline is not None else ""
+
+
+IN_BOX_ROW = ("In the target box (benchmark metric)", "in_box", pct, 1)
+
+
+def benchmark_section(runs: list) -> str:
+    """In-box accuracy of the benchmark runs by each breakdown of metrics.json (pigg.grounding.benchmarks);
+    nothing when no run is a benchmark run."""
+    shown = [r for r in runs if "breakdown" in r.metrics]
+    if not shown:
+        return ""
+    head = "".join(f"<th>{swatch(r.colour)}{esc(r.label)}<br>{esc(r.metrics.get('benchmark', ''))}</th>" for r in shown)
+    body = ""
+    for label, key in (("micro: every sample", "micro"), ("macro: mean of the cells", "macro")):
+        values = [r.metrics["breakdown"][key]["in_box"] for r in shown]
+        body += f'<tr class="{key}"><th>{esc(label)}</th>{cells(values, pct, 1)}</tr>'
+    dimensions = list(dict.fromkeys(d for r in shown for d in r.metrics["breakdown"]["by"]))
+    for dim in sorted(dimensions, key=lambda d: " x " not in d):  # the benchmarks' table columns first
+        body += f'<tr class="dimension"><th colspan="{len(shown) + 1}">by {esc(dim)}</th></tr>'
+        for name in sorted({n for r in shown for n in r.metrics["breakdown"]["by"].get(dim, {})}):
+            groups = [r.metrics["breakdown"]["by"].get(dim, {}).get(name, {}) for r in shown]
+            sizes = " / ".join(sorted({count(g.get("n")) for g in groups}))
+            body += (f'<tr><th>{esc(name)} <span class="k">n {esc(sizes)}</span></th>'
+                     f'{cells([g.get("in_box") for g in groups], pct, 1)}</tr>')
+    return (f'<section><h2>Benchmark</h2><table id="benchmark"><thead><tr><th>In the target box</th>{head}</tr>'
+            f"</thead><tbody>{body}</tbody></table>"
+            '<p class="note">The benchmarks\' metric: the predicted point, taken from 0-1000 to the image\'s pixels, '
+            "lies inside the target box (edges included). Macro is the mean over the cells of the first "
+            "breakdown (the columns of the benchmarks' tables). On a benchmark run the other tables' \"users\" "
+            "are the benchmark's files and Click Acc@140 takes the box's centre as the true point.</p></section>")
 
 
 def all_users(runs: list) -> list:
@@ -196,23 +336,27 @@ def user_metric(run: Run, user: str, key: str):
 
 
 def per_user_section(runs: list, users: list) -> str:
-    labels = "".join(f"<th>{swatch(r.colour)}{esc(r.label)}</th>" for r in runs)
-    span = len(runs)
-    head = (f'<tr><th rowspan="2">User</th><th colspan="{span}">Click Acc@140</th>'
-            f'<th colspan="{span}">Median L2</th><th colspan="{span}">Parse failures</th>'
-            f'<th rowspan="2">n</th></tr><tr>{labels * 3}</tr>')
+    models = [r for r in runs if r.baseline is None]  # a baseline always parses: no parse-failure column
+
+    def labels(shown):
+        return "".join(f"<th{_baseline_class(r)}>{name_of(r)}</th>" for r in shown)
+
+    head = (f'<tr><th rowspan="2">User</th><th colspan="{len(runs)}">Click Acc@140</th>'
+            f'<th colspan="{len(runs)}">Median L2</th><th colspan="{len(models)}">Parse failures</th>'
+            f'<th rowspan="2">n</th></tr><tr>{labels(runs) * 2}{labels(models)}</tr>')
     body = ""
     for user in users:
-        row = "".join(cells([user_metric(r, user, key) for r in runs], fmt, better)
-                      for key, fmt, better in (("click_acc_140", pct, 1), ("median_l2", num, -1),
-                                               ("parse_failure_rate", pct, -1)))
+        row = "".join(run_cells(shown, [user_metric(r, user, key) for r in shown], fmt, better)
+                      for shown, key, fmt, better in ((runs, "click_acc_140", pct, 1), (runs, "median_l2", num, -1),
+                                                      (models, "parse_failure_rate", pct, -1)))
         sizes = [count(user_metric(r, user, "n")) for r in runs]
         # Runs normally share a test set; differing counts are worth seeing, so show them all then.
         n = sizes[0] if len(set(sizes)) == 1 else " / ".join(sizes)
         body += f'<tr data-user="{esc(user)}"><th>{esc(user)}</th>{row}<td>{n}</td></tr>'
-    return (f'<section><h2>Per user</h2><table id="per-user"><thead>{head}</thead><tbody>{body}</tbody></table>'
-            '<p class="note">Highlighted: the best run for that user and metric (all of them on a tie).</p>'
-            "</section>")
+    return (f'<section><h2>Per user</h2><div class="scroll"><table id="per-user"><thead>{head}</thead>'
+            f"<tbody>{body}</tbody></table></div>"
+            '<p class="note">Highlighted: the best model for that user and metric (all of them on a tie); '
+            "baselines are not ranked.</p></section>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +364,8 @@ def per_user_section(runs: list, users: list) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def legend(runs: list, notes: list | None = None) -> str:
-    items = "".join(f"<span>{swatch(r.colour)}{esc(r.label)}{esc(notes[i]) if notes else ''}</span>"
-                    for i, r in enumerate(runs))
+    items = "".join(f"<span>{mark(r)}{esc(r.label)}{' (baseline)' if r.baseline is not None else ''}"
+                    f"{esc(notes[i]) if notes else ''}</span>" for i, r in enumerate(runs))
     return f'<div class="legend">{items}</div>'
 
 
@@ -230,19 +374,24 @@ def _f(x: float) -> str:
 
 
 def bar_chart(runs: list, users: list) -> str:
-    """Grouped bars of per-user Click Acc@140, one colour per run."""
+    """Grouped bars of per-user Click Acc@140, one colour per model; each baseline a dashed line across
+    the user's bars."""
+    models = [r for r in runs if r.baseline is None]
     # Few users share a row with the CDF; more get the full row, drawn at about 1:1 so the text keeps
     # its size, and scroll sideways once bars would get thinner than ~10 px.
-    needed = 70 + len(users) * (len(runs) * 10 + 8)
+    needed = 70 + len(users) * (len(models) * 10 + 8)
     width = 600 if needed <= 600 else max(WIDE_CHART, needed)
     height, left, right, top, bottom = 340, 56, 12, 20, 52
     plot_w, plot_h = width - left - right, height - top - bottom
     group = plot_w / max(1, len(users))
-    bar = group * 0.8 / len(runs)
+    bar = group * 0.8 / max(1, len(models))
     parts = _y_grid(left, top, plot_w, plot_h, [(i / 5, f"{20 * i}%") for i in range(6)])
     label_every = math.ceil(24 / group)  # thin the user labels so they never overlap
     for g, user in enumerate(users):
-        parts += _bar_group(runs, user, left + g * group + group * 0.1, bar, top + plot_h, plot_h)
+        x0 = left + g * group + group * 0.1
+        parts += _bar_group(models, user, x0, bar, top + plot_h, plot_h)
+        parts += _baseline_marks([r for r in runs if r.baseline is not None], user, x0, group * 0.8, top + plot_h,
+                                 plot_h)
         if g % label_every == 0:
             parts.append(f'<text x="{_f(left + (g + 0.5) * group)}" y="{height - bottom + 16}" '
                          f'text-anchor="middle">{esc(user)}</text>')
@@ -266,6 +415,19 @@ def _bar_group(runs: list, user: str, x0: float, bar: float, base: float, plot_h
         if bar >= 34:  # value labels only where they fit over the bar
             parts.append(f'<text class="value" x="{_f(x0 + (i + 0.5) * bar)}" y="{_f(base - h - 4)}" '
                          f'text-anchor="middle">{pct(acc)}</text>')
+    return parts
+
+
+def _baseline_marks(baselines: list, user: str, x0: float, span: float, base: float, plot_h: float) -> list:
+    parts = []
+    for run in baselines:
+        acc = user_metric(run, user, "click_acc_140")
+        if acc is not None:
+            y = _f(base - plot_h * acc)
+            parts.append(f'<line class="prior" data-user="{esc(user)}" data-run="{esc(run.label)}" x1="{_f(x0 - 2)}" '
+                         f'y1="{y}" x2="{_f(x0 + span + 2)}" y2="{y}" stroke="{run.colour}" stroke-width="2.5" '
+                         f'stroke-dasharray="{DASH}"><title>user {esc(user)}, {esc(run.label)} (baseline): '
+                         f"{pct(acc)}</title></line>")
     return parts
 
 
@@ -317,20 +479,25 @@ def cdf_chart(runs: list) -> str:
     marker = left + plot_w * HIT_RADIUS / x_max
     parts.append(f'<line class="marker" x1="{_f(marker)}" y1="{top}" x2="{_f(marker)}" y2="{top + plot_h}"/>'
                  f'<text class="marker-label" x="{_f(marker + 4)}" y="{top + 12}">{HIT_RADIUS}</text>')
-    notes = []
+    notes, lines = [], []
     for run in runs:
         steps = cdf_steps(distances[run.label], len(run.predictions)) if run.predictions else [(0.0, 0.0)]
         steps.append((float(x_max), steps[-1][1]))
-        parts.append(f'<polyline class="cdf" data-run="{esc(run.label)}" fill="none" stroke="{run.colour}" '
-                     f'stroke-width="2" points="{" ".join(px(x, y) for x, y in steps)}"/>')
-        notes.append(f" — parsed {pct(steps[-1][1])}")
+        dash = f' stroke-dasharray="{DASH}"' if run.baseline is not None else ""
+        points = " ".join(px(x, y) for x, y in steps)
+        lines.append((run.baseline is None, f'<polyline class="cdf" data-run="{esc(run.label)}" fill="none" '
+                      f'stroke="{run.colour}" stroke-width="2"{dash} points="{points}"/>'))
+        # a baseline always answers a point: its parsed share says nothing
+        notes.append("" if run.baseline is not None else f" — parsed {pct(steps[-1][1])}")
+    parts += [line for _, line in sorted(lines, key=lambda kv: kv[0])]  # baselines first, models drawn over them
     parts += _axis_titles(width, height, left, top, plot_h, "L2 distance to ground truth (0-1000 units)",
                           "fraction of all samples")
     return (f'<figure class="chart"><figcaption>CDF of L2 distance</figcaption>{legend(runs, notes)}'
             f'<svg id="cdf-chart" viewBox="0 0 {width} {height}" role="img">{"".join(parts)}</svg>'
             '<p class="note">y = fraction of ALL samples whose prediction lies within distance x of the ground '
             "truth. Unparsed answers have no distance but stay in the denominator, so a run with parse "
-            f"failures never reaches 1. The dashed line marks {HIT_RADIUS}, the Click Acc radius.</p></figure>")
+            f"failures never reaches 1. The dashed black line marks {HIT_RADIUS}, the Click Acc radius; dashed "
+            "coloured lines are baselines.</p></figure>")
 
 
 def charts_section(runs: list, users: list) -> str:
@@ -400,6 +567,11 @@ def overlay_svg(p: dict, thumb) -> str:
                      f'stroke-width="1" stroke-dasharray="3 2"/>'
                      f'<circle class="pred" cx="{_f(px)}" cy="{_f(py)}" r="{_f(dot)}" fill="{PRED_COLOUR}"/>')
     parts.append(f'<circle class="gt" cx="{_f(gx)}" cy="{_f(gy)}" r="{_f(dot)}" fill="{GT_COLOUR}"/>')
+    if p.get("gt_box") and p.get("image_size"):  # a benchmark's target box, in the image's pixels
+        sx, sy = w / p["image_size"][0], h / p["image_size"][1]
+        x1, y1, x2, y2 = p["gt_box"]
+        parts.append(f'<rect class="box" x="{_f(x1 * sx)}" y="{_f(y1 * sy)}" width="{_f((x2 - x1) * sx)}" '
+                     f'height="{_f((y2 - y1) * sy)}" fill="none" stroke="{GT_COLOUR}" stroke-width="1.5"/>')
     return f'<svg class="shot" viewBox="0 0 {w} {h}">{"".join(parts)}</svg>'
 
 
@@ -413,6 +585,8 @@ def card(run: Run, p: dict, cache: dict) -> str:
     # pigg eval records no path for images that were stored in the pickle as bytes
     thumb = thumbnail(find_image(run.folder, p["image"]), cache) if p["image"] else "no image path recorded"
     kind, status = status_of(p)
+    if "in_box" in p and p["parse_ok"]:  # a benchmark's sample
+        status += " · in the box" if p["in_box"] else " · outside the box"
     raw = p["raw"] if len(p["raw"]) <= RAW_CHARS else p["raw"][:RAW_CHARS] + "…"
     pred = "—" if p["pred_point"] is None else f"{p.get('pred_referring') or '—'} · {p['pred_point']}"
     missing = f'<div class="warn">{esc(thumb)}</div>' if isinstance(thumb, str) else ""
@@ -421,7 +595,7 @@ def card(run: Run, p: dict, cache: dict) -> str:
             f'<div class="status {kind}">{status}</div>'
             f'<div><b>user {esc(p["user"])}</b> · sample {esc(p["index"])}</div>'
             f'<div class="cmd">{esc(p["command"])}</div>'
-            f'<div><span class="k">GT</span> {esc(p["gt_referring"])} · {esc(p["gt_point"])}</div>'
+            f'<div><span class="k">GT</span> {esc(p["gt_referring"] or "—")} · {esc(p["gt_point"])}</div>'
             f'<div><span class="k">pred</span> {esc(pred)}</div>'
             f"<pre>{esc(raw)}</pre>{missing}</figcaption></figure>")
 
@@ -439,7 +613,7 @@ def gallery_section(run: Run, per_run: int, cache: dict) -> str:
 def gallery_key() -> str:
     return (f'<p class="note">Blue dot: ground truth. Red dot: prediction (none when the answer had no '
             f"parseable point). Ring: {HIT_RADIUS} units around the ground truth in 0-1000 space (an ellipse "
-            "on a non-square screen), green for a hit, red for a miss.</p>")
+            "on a non-square screen), green for a hit, red for a miss. Blue rectangle: a benchmark's target box.</p>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,6 +631,14 @@ th,td{border:1px solid #d8dee4;padding:4px 10px;text-align:right;white-space:now
 thead th{background:#eaeef2;text-align:center}tbody th{text-align:left;font-weight:600}
 #runs td{text-align:left}tbody tr:nth-child(even){background:#f3f5f8}
 td.best{background:#d7f5dd;font-weight:700}
+td.baseline,th.baseline{background:#eeeeea;color:#3f3f46}td.baseline{font-style:italic}
+.tag{display:inline-block;margin-left:6px;padding:0 5px;border:1px solid #8c959f;border-radius:8px;font-size:10.5px;
+font-weight:600;font-style:normal;color:#57606a;line-height:15px;vertical-align:1px}
+.dash,.chart svg.dash{display:inline;width:22px;height:10px;vertical-align:0;margin-right:5px}
+#baselines{width:100%}#baselines td{text-align:left;white-space:normal}#baselines td:first-child{white-space:nowrap}
+#baselines td:nth-child(2){width:30%}#baselines code{overflow-wrap:anywhere}
+.scroll{overflow-x:auto;max-width:100%}#summary tbody th{white-space:normal;min-width:200px}
+#baselines .points{color:#57606a;font-size:12px;margin-top:2px}tr.unavailable td{color:#9a6700}
 .note{color:#57606a;font-size:12.5px;max-width:980px}
 .swatch{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:6px;vertical-align:-1px}
 .charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:16px}
@@ -486,12 +668,13 @@ code{font-size:12px}
 def render_page(runs: list, gallery_per_run: int) -> str:
     users = all_users(runs)
     cache = {}  # runs usually share screenshots: encode each once
-    galleries = "".join(gallery_section(r, gallery_per_run, cache) for r in runs)
-    title = "pigg evaluation report: " + " vs ".join(r.label for r in runs)
+    models = [r for r in runs if r.baseline is None]  # a baseline's answers are one point: no gallery
+    galleries = "".join(gallery_section(r, gallery_per_run, cache) for r in models)
+    title = "pigg evaluation report: " + " vs ".join(r.label for r in models)
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>"
-            f"<h1>{esc(title)}</h1>{runs_section(runs)}{summary_section(runs)}"
+            f"<h1>{esc(title)}</h1>{runs_section(runs)}{summary_section(runs)}{benchmark_section(runs)}"
             f"{per_user_section(runs, users)}{charts_section(runs, users)}"
             f"<section><h2>Gallery</h2>{gallery_key()}{galleries}</section></main></body></html>\n")
 

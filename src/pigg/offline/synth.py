@@ -23,15 +23,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-PROMPT_TEMPLATE = (
-    "Given a GUI image, what are the relative (0-1000) pixel point coordinates for the element "
-    "corresponding to the following instruction: {command}\n\nThink step-by-step, provide referring "
-    "for the element first and then the grounded point coordinates."
-)
-
-
-def make_prompt(command: str) -> str:
-    return PROMPT_TEMPLATE.format(command=command)
+from pigg.grounding.prompts import make_prompt
 
 
 def format_answer(referring: str, x: int, y: int) -> str:

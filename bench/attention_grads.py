@@ -7,6 +7,7 @@ key/value heads repeated when one is. Prints the relative error of the output an
 
     python bench/attention_grads.py     # writes $OUT/attention_grads.json when OUT is set
 """
+import argparse
 import json
 import os
 from pathlib import Path
@@ -51,7 +52,8 @@ def relative_error(x, ref) -> float:
     return ((x - ref).norm() / ref.norm()).item()
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     results = []
     for length, padded in [(1060, False), (1060, True), (1088, False), (1088, True)]:
         q, k, v, grad, kwargs = inputs(length, padded)

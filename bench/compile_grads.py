@@ -27,10 +27,11 @@ base layer's output to bf16 before adding the adapter's, so most of it may round
                (float32) adapter contribution that the layer's bf16 output keeps, eager and compiled,
                for B entries of 5e-5, 5e-4 and 5e-3
 
-    PYTHONPATH=src:bench python bench/compile_grads.py   # writes $OUT/compile_grads.json
+    python bench/compile_grads.py     # writes $OUT/compile_grads.json when OUT is set
 
 Without a GPU it runs on the CPU with the tiny model (the script's test).
 """
+import argparse
 import json
 import os
 import tempfile
@@ -169,7 +170,8 @@ def first_update_losses(model, batch, first_step: dict) -> dict:
     return result
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     from pigg.model.architectures import tiny_qwen3_vl_config
 
     root = Path(tempfile.mkdtemp(prefix="pigg_compile_grads_"))

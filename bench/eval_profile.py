@@ -4,11 +4,11 @@ Splits a batch's time into: the input pipeline alone (DataLoader workers running
 prefill (max_new_tokens=1), full generation of 40 tokens, and generation of the same batch with the
 padding removed (attention mask all ones), which tells what the left-padding mask costs.
 
-    PYTHONPATH=src python bench/eval_profile.py [batch_size]
+    python bench/eval_profile.py [BATCH_SIZE]     # writes $OUT/eval_profile_bsN.json when OUT is set
 """
+import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +35,10 @@ def timed(fn, repeat=2):
     return (time.perf_counter() - t) / repeat
 
 
-def main():
-    bs = int(sys.argv[1]) if len(sys.argv) > 1 else 64
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("batch_size", nargs="?", type=int, default=64, help="prompts in the batch (default: 64)")
+    bs = parser.parse_args(argv).batch_size
     root = Path(tempfile.mkdtemp(prefix="pigg_eval_prof_"))
     folder, data_dir = phone_users_and_8b(root, 4, 2 * bs // 3, seed=1)
     cfg = C.RunConfig()

@@ -1,7 +1,7 @@
-"""The model-FLOPs utilisation every training benchmark reports, as design.md section 7 counts it: the
-LLM's forward is 2 x 7.57B FLOPs per token, a LoRA step 2 forwards (forward, input gradients), a full
-fine-tuning step 3, plus one 3.4 TFLOP vision forward per screenshot; recomputation is not counted.
-Against 989 TFLOP/s per GPU (H100 and H200 dense bf16)."""
+"""The model-FLOPs utilisation (MFU) every training benchmark reports: the LLM's forward is 2 x 7.57B
+FLOPs per token, a LoRA step 2 forwards (forward, input gradients), a full fine-tuning step 3, plus one
+3.4 TFLOP vision forward per screenshot; recomputation is not counted. Against 989 TFLOP/s per GPU
+(H100 and H200 dense bf16 peak)."""
 PEAK_FLOPS = 989e12
 LLM_FORWARD_FLOPS_PER_TOKEN = 2 * 7.57e9
 VISION_FORWARD_FLOPS = 3.4e12

@@ -63,10 +63,10 @@ def step(x, weight, a, b, grad, kernels: bool):
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default="lora_kernels.json")
-    args = parser.parse_args()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="lora_kernels.json", help="file name under $OUT (else the working folder) for the results")
+    args = parser.parse_args(argv)
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {lora_kernels.triton.__version__}")
     results = []
     for name, (k, out) in LAYERS.items():

@@ -72,10 +72,10 @@ def rotary() -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default="norm_and_rotary.json")
-    args = parser.parse_args()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="norm_and_rotary.json", help="file name under $OUT (else the working folder) for the results")
+    args = parser.parse_args(argv)
     results = dict(device=torch.cuda.get_device_name(), rms_norm_backward=norms(), vision_rotary=rotary())
     with open(os.path.join(os.environ.get("OUT", "."), args.json), "w") as f:
         json.dump(results, f, indent=1)

@@ -6,11 +6,11 @@ vanilla and global evaluation of the held-out samples, then per fold a fresh LoR
 global weights, training and evaluation. Random weights answer with junk up to max_new_tokens, so
 evaluation time here is an upper bound for that token limit.
 
-    PYTHONPATH=src python bench/personalize_gpu.py [samples_for_user_1]   # writes $OUT/personalize_gpu.json
+    python bench/personalize_gpu.py [SAMPLES]     # writes $OUT/personalize_gpu.json when OUT is set
 """
+import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +23,10 @@ from pigg.personalize import PERSONALIZE_DEFAULTS, personalize
 from pigg.train import train
 
 
-def main():
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("samples", nargs="?", type=int, default=30, help="user 1's samples (default: 30)")
+    n = parser.parse_args(argv).samples
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     root = Path(tempfile.mkdtemp(prefix="pigg_personal_"))
     model_dir, data_dir = phone_users_and_8b(root, 2, n)

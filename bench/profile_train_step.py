@@ -7,26 +7,25 @@ that launched that kernel was doing meanwhile (from the trace), and what the cac
 cached blocks and synchronises the device). With OUT set it also writes the trace there (else in a temporary
 folder), gzipped, for chrome://tracing or Perfetto.
 
-    PYTHONPATH=src python bench/profile_train_step.py [SETTING=VALUE ...] [--stack]
-    # writes $OUT/profile_train_step.txt and .json.gz
+    python bench/profile_train_step.py [SECTION.SETTING=VALUE ...] [--stack] [--gpu-only]
+    # writes $OUT/profile_train_step[...].txt and .json.gz when OUT is set
 
-Settings are train settings given as to the CLI, e.g. torch_compile=true; with any, the output file is
-named after them (profile_train_step_torch_compile-true.txt). --stack records Python's calls too
-(with_stack=True: "python_function" events in the trace, a slower step), adds _stack to the file names and
-prints the Python functions with the most self time. Python's calls recorded, a step's Python takes far
-longer: walks over the model's modules show up in the gaps, but removing them did not change the rate
-(bench/session_1gpu.sh part 49).
---gpu-only records the GPU's activity alone (no CPU ops or shapes), adds _gpu_only to the file names and
-names each long gap by the device ops before and after it instead of the CPU's work. Profiling still
-lengthens a step: on an H200, 672-700 ms against about 590 unprofiled (bench/results/
-profile_train_step_lora_80gb_gpu_only*_h200.txt), about as much as with the CPU's ops (684 against 582).
+Settings are given as in a YAML file, e.g. train.gpu_memory_gib=79.2 or fast.torch_compile=true (a bare
+name is a train setting); with any, the output files are named after them
+(profile_train_step_train.gpu_memory_gib-79.2.txt). --stack records Python's calls too (with_stack=True:
+"python_function" events in the trace), adds _stack to the file names and prints the Python functions with
+the most self time; with Python's calls recorded a step's Python takes far longer than without, so read
+its gaps as where Python runs, not as what it costs unprofiled. --gpu-only records the GPU's activity alone
+(no CPU ops or shapes), adds _gpu_only to the file names and names each long gap by the device ops before
+and after it instead of the CPU's work. Any profiling lengthens a step: compare rates with
+bench/train_throughput.py, not with this.
 """
+import argparse
 import bisect
 import collections
 import gzip
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -245,7 +244,31 @@ def python_self_time(trace: dict, rows: int = 25) -> str:
     return "\n".join(lines)
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("settings", nargs="*", metavar="SECTION.SETTING=VALUE",
+                        help="config settings of the profiled run (a bare name: a train setting)")
+    parser.add_argument("--stack", action="store_true", help="record Python's calls and list their self time")
+    parser.add_argument("--gpu-only", action="store_true", help="record the GPU's activity alone")
+    args = parser.parse_args(argv)
+    bad = [s for s in args.settings if "=" not in s]
+    if bad:
+        parser.error(f"settings are SECTION.SETTING=VALUE, got: {', '.join(bad)}")
+    return args
+
+
+def settings_dict(settings: list[str]) -> dict:
+    """{section: {field: value}} from SECTION.SETTING=VALUE strings, values read as YAML."""
+    sections = {}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        section, _, field = key.rpartition(".")
+        sections.setdefault(section or "train", {})[field] = yaml.safe_load(value)
+    return sections
+
+
+def main(argv=None):
+    args = parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="pigg_profile_"))
     model_dir, data_dir = phone_users_and_8b(root, 8, 12)
     cfg = C.RunConfig()
@@ -254,11 +277,8 @@ def main():
     t = cfg.train
     t.max_steps, t.save_steps, t.learning_rate = STOP + 1, 10_000, 1e-4
     t.output_dir, t.log_dir = str(root / "out"), str(root / "logs")
-    flags = {"--stack", "--gpu-only"}
-    settings = [arg for arg in sys.argv[1:] if arg not in flags]
-    with_stack, gpu_only = "--stack" in sys.argv[1:], "--gpu-only" in sys.argv[1:]
-    pairs = (setting.partition("=") for setting in settings)
-    C.from_dict({"train": {key: yaml.safe_load(value) for key, _, value in pairs}}, cfg, source="command line")
+    settings, with_stack, gpu_only = args.settings, args.stack, args.gpu_only
+    C.from_dict(settings_dict(settings), cfg, source="command line")
     profiler = Profiler(with_stack, gpu_only)
     train(cfg, callbacks=[profiler])
     events = profiler.prof.key_averages()
@@ -273,7 +293,7 @@ def main():
                          for e in busiest)
     summary = (f"optimizer step (8 samples): wall {1e3 * profiler.wall / (STOP - START):.0f} ms, "
                f"CUDA kernels {cuda_total:.0f} ms")
-    flagged = [flag.removeprefix("--").replace("-", "_") for flag in sorted(flags) if flag in sys.argv[1:]]
+    flagged = [flag for flag, on in (("gpu_only", gpu_only), ("stack", with_stack)) if on]
     name = "_".join(["profile_train_step", *(s.replace("=", "-") for s in settings), *flagged])
     trace = Path(os.environ.get("OUT") or root, f"{name}.json.gz")
     profiler.prof.export_chrome_trace(str(trace))  # .gz: gzipped

@@ -19,7 +19,7 @@ median step) and peak memory is the run's own
   seed_devicemap_2gpu   the seed's full fine-tuning: device_map="auto" over GPUs 0,1 (one GPU works at a
                         time), batch 1 x accumulation 8, checkpointing, on pre-made batches
 
-MFU per GPU is bench/flops.py's (design.md section 7's FLOP model).
+MFU per GPU is bench/flops.py's.
 
     PYTHONPATH=src python bench/train_multi_gpu.py [--budget 480] [--steps 10] [variant ...]
 
@@ -268,7 +268,7 @@ def print_table(results: list[dict]) -> None:
               f"{peak:>13} {100 * r['mfu_per_gpu']:>7.1f}% {scaling:>8} {r['epoch_hours_90727']:>8.2f}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="*", help="names to run (default: all that suit this machine)")
     parser.add_argument("--budget", type=float, default=480,
@@ -277,7 +277,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per pigg variant (the first untimed)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one variant may take")
     parser.add_argument("--devicemap-child", nargs=3, metavar=("MODEL", "DATA", "STEPS"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.devicemap_child:
         model_dir, data_dir, steps = args.devicemap_child
         return devicemap_child(model_dir, data_dir, int(steps))

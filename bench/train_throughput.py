@@ -1,26 +1,32 @@
-"""Training throughput on one GPU: the seed recipe, pigg's default, each lever on its own, a peer.
+"""Training throughput on one GPU: the seed recipe, pigg's default, each lever on its own, TRL's peer.
 
 Every pigg variant runs `pigg.train.train()` end to end on the real Qwen3-VL-8B architecture with
 random weights and synthetic 1080x2400 phone screenshots (~1,054 tokens a sample): data
-validation, processor, freezing, LoRA or full FT, the Trainer, DataLoader workers. A variant is the
-seed recipe with one setting changed, so each lever is measured on its own; `pigg_default` is pigg
-with no settings given. The seed recipe and pigg's default run 16 optimizer steps on the same samples
-and seed, so their loss curves can be compared; the others 6. The first step is warm-up, not timed; a
-variant's rate is 8 samples over its median step.
+validation, processor, freezing, LoRA or full FT, the Trainer, DataLoader workers. A lever is the
+seed recipe with one setting changed, so each is measured on its own; `pigg_default_lora` and
+`pigg_default_full` are pigg with no setting given, `_80gb` plans for (and caps PyTorch's allocator at) an
+80 GB card's 79.2 GiB, and the other `pigg_default_*` change one thing more. The seed recipe and pigg's
+default LoRA run 16 optimizer steps on the same samples and seed, so their loss curves can be compared;
+the others 6 to 16 (PIGG below). The first step is warm-up, not timed; a variant's rate is 8 samples over
+its median step.
 
-The peer is TRL's SFTTrainer (bring its wheel) on the same model, samples and LoRA configuration,
-configured as well as TRL allows (micro-batch 4 without checkpointing, 8 workers, Liger), as in
-shared/bench/trl_peer_bench.py. `input_pipeline` times decode + resize + tokenize + collate alone.
+The peer is TRL's SFTTrainer (needs trl, datasets and liger-kernel) on the same model, samples and LoRA
+configuration, configured as well as TRL allows: no checkpointing, 8 DataLoader workers, Liger, micro-batch
+4 x 2 (`trl_sft_best`, the largest that fits in 80 GB) or 8 x 1 (`trl_sft_whole_gpu`). `input_pipeline`
+times decode + resize + tokenize + collate alone.
 
-    PYTHONPATH=src python bench/train_throughput.py [variant ...] [--json NAME]   # writes $OUT/NAME
+Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses it
+where installed: run each variant in a process of its own to measure it alone (bench/run_1gpu.sh does).
+
+    python bench/train_throughput.py VARIANT [...] [--json NAME]     # writes $OUT/NAME when OUT is set
 """
+import argparse
 import gc
 import itertools
 import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,73 +40,59 @@ from pigg import config as C
 from pigg.offline.demo import loss_curve
 from pigg.train import train
 
-SEED_RECIPE = dict(batch_size=1, grad_accum=8, gradient_checkpointing=True, logits_on_labels_only=False,
-                   dataloader_workers=0, liger_kernel=False, optimizer="adamw_torch", torch_compile=False,
-                   lora_input_fp32=True, fused_lora=False, padding_mask=True,
-                   pad_to_multiple=1, batched_vision_attention=False, vision_without_autocast=False)
+# "section.field" sets that config field; a bare name is a train setting
+SEED_RECIPE = {"batch_size": 1, "grad_accum": 8, "gradient_checkpointing": True, "dataloader_workers": 0,
+               "optimizer": "adamw_torch", "fast.logits_on_labels_only": False, "fast.liger_kernel": False,
+               "fast.torch_compile": False, "fast.lora_input_fp32": True, "fast.fused_lora": False,
+               "fast.padding_mask": True, "fast.pad_to_multiple": 1, "fast.batched_vision_attention": False,
+               "fast.vision_without_autocast": False}
 PIGG_DEFAULT = {}  # nothing given: batch plan from memory, labels-only logits, 8 workers, Liger, fused AdamW
 LEVERS = {  # one change to the seed recipe each
-    "micro_batch_from_memory": dict(batch_size=None, grad_accum=None, gradient_checkpointing=None),
-    "no_checkpointing": dict(gradient_checkpointing=False),
-    "logits_on_labels_only": dict(logits_on_labels_only=True),
-    "workers_8": dict(dataloader_workers=8),
-    "liger": dict(liger_kernel=True),
-    "fused_adamw": dict(optimizer="adamw_torch_fused"),
-    "torch_compile": dict(torch_compile=True),
-    "bf16_adapter_inputs": dict(lora_input_fp32=False),
+    "micro_batch_from_memory": {"batch_size": None, "grad_accum": None, "gradient_checkpointing": None},
+    "no_checkpointing": {"gradient_checkpointing": False},
+    "logits_on_labels_only": {"fast.logits_on_labels_only": True},
+    "workers_8": {"dataloader_workers": 8},
+    "liger": {"fast.liger_kernel": True},
+    "fused_adamw": {"optimizer": "adamw_torch_fused"},
+    "torch_compile": {"fast.torch_compile": True},
+    "bf16_adapter_inputs": {"fast.lora_input_fp32": False},
     # pigg.fast.lora's fused adapters take bf16 inputs: with the seed's float32 cast PEFT's forward runs
-    "fused_lora": dict(fused_lora=True, lora_input_fp32=False),
+    "fused_lora": {"fast.fused_lora": True, "fast.lora_input_fp32": False},
 }
-VARIANTS = {  # name: (method, settings, optimizer steps)
+PIGG = {  # name: (method, settings, optimizer steps)
     "seed_lora": ("lora", SEED_RECIPE, 16),
     "pigg_default_lora": ("lora", PIGG_DEFAULT, 16),
-    **{f"lever_{k}": ("lora", {**SEED_RECIPE, **v}, 6) for k, v in LEVERS.items()},
+    "pigg_default_lora_80gb": ("lora", {"gpu_memory_gib": 79.2}, 12),
     "seed_full": ("full", SEED_RECIPE, 6),
     "pigg_default_full": ("full", PIGG_DEFAULT, 6),
-    "pigg_default_lora_compiled": ("lora", {"torch_compile": True}, 16),
-    # Without LoRA dropout the compiled and eager curves should agree step by step: which part of the
-    # compiled run's different curve (README) the dropout explains.
+    "pigg_default_full_80gb": ("full", {"gpu_memory_gib": 79.2}, 6),
+    **{f"lever_{k}": ("lora", {**SEED_RECIPE, **v}, 6) for k, v in LEVERS.items()},
+    # Compiled decoder layers (fast.torch_compile). Their first step includes compilation and is not timed;
+    # with 16 steps the next few may still compile a variant of the inputs, so compare their median.
+    "pigg_default_lora_compiled": ("lora", {"fast.torch_compile": True}, 16),
+    "pigg_default_full_compiled": ("full", {"fast.torch_compile": True}, 6),
+    # Without LoRA dropout the compiled and eager curves should agree step by step (bench/compile_grads.py
+    # looks for why they differ with it)
     "pigg_default_lora_no_dropout": ("lora", {"lora.dropout": 0.0}, 16),
-    "pigg_default_lora_compiled_no_dropout": ("lora", {"torch_compile": True, "lora.dropout": 0.0}, 16),
-    "pigg_default_full_compiled": ("full", {"torch_compile": True}, 6),
-    # Attention without cuDNN's kernels (Flash without padding, memory-efficient with): is cuDNN's backward
-    # what makes the eager curve differ from the compiled one (bench/attention_grads.py)?
-    "pigg_default_lora_no_cudnn_attention": ("lora", {"cudnn_attention": False}, 16),
-    # On a GPU with more memory than the H100's 80 GB the plan is micro-batch 8 without checkpointing:
-    # micro-batch 4 x 2 there (how much of the rate is the micro-batch, how much the card), micro-batch 8
-    # with every layer recomputed, and pigg's defaults planned for (and capped at) an H100's 79.2 GiB.
+    "pigg_default_lora_compiled_no_dropout": ("lora", {"fast.torch_compile": True, "lora.dropout": 0.0}, 16),
+    # Attention without cuDNN's kernels (Flash without padding, memory-efficient with; bench/attention_grads.py)
+    "pigg_default_lora_no_cudnn_attention": ("lora", {"fast.cudnn_attention": False}, 16),
+    # Other plans on a card larger than 80 GB, where pigg plans micro-batch 8 without checkpointing:
+    # micro-batch 4 x 2, and micro-batch 8 with every layer recomputed
     "pigg_default_lora_mb4": ("lora", {"batch_size": 4}, 8),
     "pigg_default_lora_mb8_checkpointing": ("lora", {"batch_size": 8, "gradient_checkpointing": True}, 8),
-    "pigg_default_lora_80gb": ("lora", {"gpu_memory_gib": 79.2}, 12),
-    "pigg_default_full_80gb": ("full", {"gpu_memory_gib": 79.2}, 6),
-    # PEFT's adapter forward in place of pigg.fast.lora's fused one (pigg's default before it)
-    "pigg_default_lora_peft": ("lora", {"fused_lora": False}, 16),
-    "pigg_default_lora_80gb_peft": ("lora", {"gpu_memory_gib": 79.2, "fused_lora": False}, 12),
-    # attention given the padding mask (masked kernel over repeated key/value heads; pigg's default before)
-    "pigg_default_lora_80gb_padding_mask": ("lora", {"gpu_memory_gib": 79.2, "padding_mask": True}, 12),
-    # the vision tower's attention image by image, as transformers runs it
-    "pigg_default_lora_80gb_per_image_attention": ("lora", {"gpu_memory_gib": 79.2, "batched_vision_attention": False},
-                                                   12),
-    # the vision tower under the Trainer's autocast, as the seed runs it (float32 LayerNorms)
-    "pigg_default_lora_80gb_vision_autocast": ("lora", {"gpu_memory_gib": 79.2, "vision_without_autocast": False}, 12),
-    # the adapters' dropout by torch's kernel, drawn again in the backward (pigg.fast.lora without lora_kernels)
-    "pigg_default_lora_80gb_torch_dropout": ("lora", {"gpu_memory_gib": 79.2, "lora_kernels": False}, 12),
+    # Each speed switch of pigg's default turned off on its own (docs/performance.md lists them)
+    "pigg_default_lora_peft": ("lora", {"fast.fused_lora": False}, 16),
+    "pigg_default_lora_80gb_peft": ("lora", {"gpu_memory_gib": 79.2, "fast.fused_lora": False}, 12),
+    "pigg_default_lora_80gb_padding_mask": ("lora", {"gpu_memory_gib": 79.2, "fast.padding_mask": True}, 12),
+    "pigg_default_lora_80gb_per_image_attention": (
+        "lora", {"gpu_memory_gib": 79.2, "fast.batched_vision_attention": False}, 12),
+    "pigg_default_lora_80gb_vision_autocast": (
+        "lora", {"gpu_memory_gib": 79.2, "fast.vision_without_autocast": False}, 12),
+    "pigg_default_lora_80gb_torch_dropout": ("lora", {"gpu_memory_gib": 79.2, "fast.lora_kernels": False}, 12),
 }
-# Liger patches transformers' Qwen3-VL functions for the rest of the process, and pigg's default uses
-# it where installed: give each variant a process of its own (`... train_throughput.py NAME --json F`)
-# to measure it alone. The compiled variants' first step includes compilation and is not timed;
-# with 16 steps the next few may still compile a variant of the inputs, so compare their median.
-ORDER = ["seed_lora", "pigg_default_lora", "lever_micro_batch_from_memory", "lever_no_checkpointing",
-         "lever_logits_on_labels_only", "lever_workers_8", "lever_fused_adamw", "lever_bf16_adapter_inputs",
-         "lever_fused_lora", "lever_torch_compile", "pigg_default_lora_compiled", "pigg_default_lora_no_dropout",
-         "pigg_default_lora_compiled_no_dropout", "pigg_default_lora_no_cudnn_attention", "pigg_default_lora_mb4",
-         "pigg_default_lora_mb8_checkpointing", "pigg_default_lora_80gb", "pigg_default_lora_peft",
-         "pigg_default_lora_80gb_peft", "pigg_default_lora_80gb_padding_mask",
-         "pigg_default_lora_80gb_per_image_attention", "pigg_default_lora_80gb_vision_autocast",
-         "pigg_default_lora_80gb_torch_dropout",
-         "pigg_default_full_80gb",
-         "seed_full", "input_pipeline", "lever_liger", "pigg_default_full", "pigg_default_full_compiled",
-         "trl_sft_best"]
+TRL = {"trl_sft_best": (4, 2), "trl_sft_whole_gpu": (8, 1)}  # name: (micro-batch, accumulation)
+VARIANTS = [*PIGG, *TRL, "input_pipeline"]  # every name the command line takes, in the order they run
 CURVES = {"seed_lora", "pigg_default_lora", "pigg_default_lora_compiled", "pigg_default_lora_no_dropout",
           "pigg_default_lora_compiled_no_dropout", "pigg_default_lora_no_cudnn_attention"}  # logged every step
 WORKERS = (1, 4, 8, 16)  # DataLoader workers the input pipeline is timed with
@@ -142,7 +134,7 @@ def mfu_pct(samples_per_s: float, tokens: int, method: str) -> float:
 
 
 def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
-    method, settings, steps = VARIANTS[name]
+    method, settings, steps = PIGG[name]
     cfg = C.RunConfig()
     cfg.model.name_or_path, cfg.model.random_weights = str(model_dir), True
     cfg.data.data_root, cfg.data.users = str(data_dir), "1-8"
@@ -153,7 +145,7 @@ def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
     t.logging_steps = 1 if name in CURVES else t.logging_steps
     t.learning_rate = LORA_LR if method == "lora" else 1e-6
     t.output_dir, t.log_dir = str(root / name), str(root / "logs")
-    sections = {}  # "lora.dropout" sets cfg.lora.dropout; a bare name a train setting
+    sections = {}
     for key, value in settings.items():
         section, _, field = key.rpartition(".")
         sections.setdefault(section or "train", {})[field] = value
@@ -174,8 +166,9 @@ def pigg_variant(name, model_dir, data_dir, root, tokens) -> dict:
                 step_seconds=steps_s, cpu_seconds_per_step=cpu_per_step(timer), losses=losses, grad_norms=grad_norms)
 
 
-def trl_variant(model_dir, data_dir, tokens) -> dict:
-    """TRL's SFTTrainer at its best setting from shared/bench: micro-batch 4, no checkpointing, 8 workers, Liger."""
+def trl_variant(name, model_dir, data_dir, root, tokens) -> dict:
+    """TRL's SFTTrainer with pigg's LoRA settings, no checkpointing, 8 workers and Liger, at the micro-batch
+    and accumulation of TRL[name]."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
@@ -199,7 +192,9 @@ def trl_variant(model_dir, data_dir, tokens) -> dict:
     model.model.visual.requires_grad_(False)
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM",
                       target_modules=lora_target_regex(C.LoraSettings().target_modules))
-    args = SFTConfig(output_dir="/tmp/trl_out", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+    micro_batch, grad_accum = TRL[name]
+    args = SFTConfig(output_dir=str(root / name), per_device_train_batch_size=micro_batch,
+                     gradient_accumulation_steps=grad_accum,
                      gradient_checkpointing=False, bf16=True, learning_rate=LORA_LR, weight_decay=0.01, max_steps=6,
                      logging_steps=1, save_strategy="no", report_to="none", dataloader_num_workers=8, max_length=None,
                      completion_only_loss=True, use_liger_kernel=True)
@@ -210,8 +205,8 @@ def trl_variant(model_dir, data_dir, tokens) -> dict:
                          processing_class=AutoProcessor.from_pretrained(model_dir))
     trainer.train()
     rate, steps_s = step_rate(timer)
-    result = dict(name="trl_sft_best", method="lora", settings=dict(micro_batch=4, grad_accum=2, checkpointing=0,
-                  workers=8, liger=True), samples_per_s=round(rate, 2),
+    result = dict(name=name, method="lora", settings=dict(workers=8, liger=True), micro_batch=micro_batch,
+                  grad_accum=grad_accum, checkpointing=0, samples_per_s=round(rate, 2),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1), mfu_pct=mfu_pct(rate, tokens, "lora"),
                   epoch_hours_90727=round(90727 / rate / 3600, 2), step_seconds=steps_s)
     del trainer, model
@@ -235,9 +230,9 @@ def input_pipeline(model_dir, data_dir) -> dict:
     from pigg.data.processor import load_processor
 
     samples, _ = load_samples(C.DataConfig(data_root=str(data_dir), users="1-8"))
-    t = C.TrainConfig()
-    collate = TrainCollator(load_processor(str(model_dir)), 8192, t.padding_mask, t.pad_to_multiple, torch.bfloat16,
-                            supervised_index=t.logits_on_labels_only, grid_on_cpu=t.batched_vision_attention)
+    f = C.FastConfig()
+    collate = TrainCollator(load_processor(str(model_dir)), 8192, f.padding_mask, f.pad_to_multiple, torch.bfloat16,
+                            supervised_index=f.logits_on_labels_only, grid_on_cpu=f.batched_vision_attention)
     rates = {}
     for workers in WORKERS:
         # The workers fill 4 batches each ahead while the first one starts: the clock starts once those
@@ -257,10 +252,22 @@ def input_pipeline(model_dir, data_dir) -> dict:
     return dict(name="input_pipeline", samples_per_s_by_workers=rates, cores=os.cpu_count())
 
 
-def main():
-    args = sys.argv[1:]
-    json_name = args.pop(args.index("--json") + 1) if "--json" in args else "train_throughput.json"
-    names = [n for n in ORDER if n in args] or ORDER
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help=f"what to run, in this order (default: all): {', '.join(VARIANTS)}")
+    parser.add_argument("--json", default="train_throughput.json",
+                        help="file name under $OUT for the results, rewritten after each variant (OUT unset: none)")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.variants if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s): {', '.join(unknown)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    names, json_name = args.variants or VARIANTS, args.json
     print("device:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     root = Path(tempfile.mkdtemp(prefix="pigg_bench_"))
     t = time.time()
@@ -272,8 +279,8 @@ def main():
         try:
             if name == "input_pipeline":
                 results.append(input_pipeline(model_dir, data_dir))
-            elif name == "trl_sft_best":
-                results.append(trl_variant(model_dir, data_dir, tokens))
+            elif name in TRL:
+                results.append(trl_variant(name, model_dir, data_dir, root, tokens))
             else:
                 results.append(pigg_variant(name, model_dir, data_dir, root, tokens))
         except Exception as e:  # one failing variant must not lose the others
@@ -294,9 +301,8 @@ def print_table(results):
         if "error" in r:
             print(f"{r['name']:<34} error: {r['error'][:80]}")
         elif "samples_per_s" in r:
-            mb = f"{r.get('micro_batch', r['settings'].get('micro_batch'))}x{r.get('grad_accum', r['settings'].get('grad_accum'))}"
-            ckpt = r.get("checkpointing", r["settings"].get("checkpointing"))
-            print(f"{r['name']:<34} {mb:>8} {str(ckpt):>5} {r['samples_per_s']:>9.2f} {r['peak_gib']:>8.1f} "
+            mb = f"{r['micro_batch']}x{r['grad_accum']}"
+            print(f"{r['name']:<34} {mb:>8} {r['checkpointing']:>5} {r['samples_per_s']:>9.2f} {r['peak_gib']:>8.1f} "
                   f"{r['mfu_pct']:>6.1f} {r['epoch_hours_90727']:>7.2f}")
         else:
             print(f"{r['name']:<34} {r}")

@@ -67,10 +67,10 @@ def mlp() -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default="vision_tower.json")
-    args = parser.parse_args()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default="vision_tower.json", help="file name under $OUT (else the working folder) for the results")
+    args = parser.parse_args(argv)
     reference = attend(*heads(HEAD_DIM), SDPBackend.MATH).float()
     rows = []
     for head_dim in [HEAD_DIM, *PADDED]:

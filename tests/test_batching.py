@@ -96,7 +96,8 @@ def test_impossible_splits_are_errors():
 
 
 def test_memory_model_matches_the_measured_8b_runs():
-    """Peaks of the 8B at ~1,054 tokens a sample, effective batch 8 (bench/results/train_throughput_*.json):
+    """Peaks of the 8B at ~1,054 tokens a sample, effective batch 8 (bench/train_throughput.py's runs of
+    2026-11-27 to 12-02, docs/log.md; their bench/results/ files are in git's history):
     on an H100 (part1/2/5) LoRA micro-batch 4 without recomputation 52.7 GiB (42.6 without dropout),
     micro-batch 1 with all 36 layers recomputed 17.6, full FT micro-batch 4 with all 36 64.8; on an H200
     (part6/8/9/10/11) LoRA micro-batch 8 with 0, 11, 15 and 36 layers recomputed 87.5, 67.0, 59.5 and

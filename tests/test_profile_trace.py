@@ -154,3 +154,13 @@ def test_python_self_time_excludes_what_a_function_encloses(profile_train_step):
         "     0.02 ms  module.py(2882): named_modules < ProfilerStep#3"]
     assert profile_train_step.python_self_time({"traceEvents": [kernel("kernel_a", 0, 1, 1)]}) == (
         "Python self time: no launches in the trace")
+
+
+def test_settings_are_config_fields_by_section(profile_train_step, capsys):
+    args = profile_train_step.parse_args(["gpu_memory_gib=79.2", "fast.torch_compile=true", "--stack"])
+    assert args.stack and not args.gpu_only
+    assert profile_train_step.settings_dict(args.settings) == {"train": {"gpu_memory_gib": 79.2},
+                                                                "fast": {"torch_compile": True}}
+    with pytest.raises(SystemExit):
+        profile_train_step.parse_args(["gpu_memory_gib"])
+    assert "SECTION.SETTING=VALUE" in capsys.readouterr().err

@@ -9,7 +9,7 @@ Training: LoRA uses DDP (each GPU holds the whole model; only the ~22M adapter g
 averaged), full fine-tuning uses FSDP2 (parameters, gradients and AdamW state sharded over the GPUs:
 the 8B model's ~66 GB of them, which leave one GPU room for little more than micro-batch 1 with
 recomputation, become ~33 GB on each of 2 GPUs). The effective batch stays `train.effective_batch`
-whatever the process count (batching.py).
+whatever the process count (pigg.model.batch_plan).
 """
 import json
 import os

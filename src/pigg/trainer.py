@@ -169,8 +169,8 @@ class GlobalTrainer(Trainer):
 
     def floating_point_ops(self, inputs) -> int:
         """The stock estimate for `total_flos`, 6 x input tokens x parameters other than embeddings, with
-        the parameters counted once: the stock method counts the 8B's again for every micro-batch, ~10 ms
-        on the CPU while the GPU waits between steps (bench/profile_train_step.py)."""
+        the parameters counted once: the stock method counts the 8B's again for every micro-batch, on the
+        CPU while the GPU waits between steps."""
         main = getattr(self.model, "main_input_name", "input_ids")
         if main not in inputs or not hasattr(self.model, "num_parameters"):
             return 0

@@ -13,16 +13,14 @@ in two passes of their own.
 - B, the scale and the sum are one `addmm_` into the base layer's output, and in the backward the
   adapters' input gradients are added into the base layers' in place, which the layers' matmuls sum
   into one tensor: one autograd node where PEFT has one per op, and fewer kernels (the CPU launches
-  every kernel of a step: README, Training speed).
+  every kernel of a step, and must stay ahead of the GPU).
 Each mask is drawn by the same dropout from the same generator in the same order as PEFT's, so the
-values are PEFT's up to the order of float rounding (tests/test_lora.py). On the 8B in an H100's
-memory that leaves micro-batch 8 without recomputation: 9.35-10.00 samples/s on an H200 capped there,
-against 8.85 with PEFT's adapters and 11 layers recomputed (README, sixth run). With `kernels` on a
-GPU the dropout, A and B's sum run in `pigg.fast.kernels.lora` instead, a node's adapters in one kernel
-each way, which draw masks of the same keep probability from the same generator, not the same masks
-(README, tenth run: 12.46 to 13.21 samples/s on an H200; twelfth: 13.30 to 13.73). An input that PEFT
+values are PEFT's up to the order of float rounding (tests/test_lora.py). On the 8B the memory saved
+lets an 80 GB card train micro-batch 8 without recomputing layers. With `kernels` on a GPU the dropout,
+A and B's sum run in `pigg.fast.kernels.lora` instead, a node's adapters in one kernel each way, which
+draw masks of the same keep probability from the same generator, not the same masks. An input that PEFT
 would first cast to the adapters' float32 (the seed's `fast.lora_input_fp32`) goes to PEFT's
-forward, as does a layer whose base weights are trained.
+forward, as does a layer whose base weights are trained. What each saves: docs/performance.md.
 """
 import contextlib
 import functools

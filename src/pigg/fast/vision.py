@@ -10,7 +10,7 @@ image still attends only to itself: the same function, in fewer calls (tests/tes
 rotary embedding is one Triton kernel (`rotary`) that reads q and k where the fused qkv projection
 left them and writes each result once: the stock function copies q and k to float32 and back (four
 copies a layer), Liger's copies them to contiguous memory to rotate them in place (two copies a
-layer, 4.7 ms of a 0.6 s LoRA step on an H200: bench/results/profile_train_step_*_h200.txt). What the
+layer). What the
 tower derives from the grid at each forward (position-embedding taps, rotary positions, segments:
 small kernels, several of which wait for the GPU to learn their output's size) is computed once per
 distinct grid and handed to it precomputed (`grid_tensors`).
@@ -173,8 +173,8 @@ def linear_patch_embedding(visual):
 
 def _patch_embed(embed, hidden_states):
     """Qwen3VLVisionPatchEmbed.forward as one matmul: a Conv3d whose kernel is its stride, applied to
-    inputs the size of its kernel, is a linear layer on each flattened patch. cuDNN's 3-D convolution
-    took 5.4 ms a step for 8 screenshots on an H200, for a 109 GFLOP product."""
+    inputs the size of its kernel, is a linear layer on each flattened patch, which cuBLAS runs far faster
+    than cuDNN's 3-D convolution runs the same product (docs/performance.md)."""
     weight = embed.proj.weight
     rows = hidden_states.to(weight.dtype).reshape(-1, weight[0].numel())
     return F.linear(rows, weight.reshape(weight.shape[0], -1), embed.proj.bias)

@@ -6,19 +6,16 @@ micro-batches keep the GPU busy, and pigg's loss keeps the seed's normalisation 
 mean, averaged over the optimizer step), so the mathematics do not change (tests/test_batching.py).
 
 Activation checkpointing is chosen per decoder layer: when a micro-batch needs it, only as many layers
-recompute their activations as it takes to fit, not all 36. A LoRA step at micro-batch 4 waits on
-Python (PEFT runs each adapter op by op), so twice the micro-batch pays for some recomputation: on an
-H200 (8B, bench/results/train_throughput_h200_part*.json) LoRA micro-batch 8 trains at 10.01 samples/s,
-4 x 2 at 7.99, 8 with all 36 layers recomputed at 7.17 (~1.1% a layer). So LoRA takes the largest
-micro-batch that fits with at most a third of the layers recomputed: planned for an H100's 79.2 GiB,
-micro-batch 8 with 11 layers recomputed trained at 8.92 against 7.77 for 4 x 2 (part10); with
-pigg.fast.lora's fused adapters, which keep a fifth less, it needs none and trains at 9.35-10.00 (part16/18). Full
-fine-tuning keeps the GPU busy at micro-batch 4: micro-batch 8 with 10 layers recomputed trained at
-8.33 against 8.51 for 4 x 2 without, so it recomputes only where no micro-batch of 4 or more fits
-without.
+recompute their activations as it takes to fit, not all 36. A LoRA step's small kernels leave the GPU
+waiting on the CPU at small micro-batches, and recomputing a layer costs about a percent of a step, so
+doubling the micro-batch pays for some recomputation: LoRA takes the largest micro-batch that fits with
+at most a third of the layers recomputed. Full fine-tuning's larger matmuls keep the GPU busy from
+micro-batch 4, so it recomputes only where no micro-batch of 4 or more fits without. The measurements
+behind both rules are in docs/log.md (2026-12-02); bench/train_throughput.py's `pigg_default_lora_mb4`
+and `pigg_default_lora_mb8_checkpointing` rerun them.
 
-The memory model is fitted to the 8B's measured peaks (bench/results/train_throughput_*.json): weights
-and optimizer state from the parameters themselves, and activations proportional to tokens x layers x
+The memory model is fitted to the 8B's measured peaks (tests/test_batching.py lists them): weights and
+optimizer state from the parameters themselves, and activations proportional to tokens x layers x
 hidden size.
 """
 from dataclasses import dataclass
@@ -105,8 +102,7 @@ def estimator(model, text_config, tokens_per_sample: int, shards: int = 1, keeps
         if accumulation > 1:  # the earlier micro-batches' gradients are held through each backward
             return static + activations
         # one micro-batch a step: its backward makes the gradients as it frees the activations, and
-        # the optimizer step holds them all (full FT at micro-batch 8 on an H200: 98.9 GiB with no
-        # layer recomputed, 62.8 with 34)
+        # the optimizer step holds them all
         return static - grads + max(grads, activations)
 
     return estimate

@@ -2,21 +2,20 @@
 
 `pigg.fast.lora.AdaptedLinears` without these drops x out with torch's dropout, a kernel that reads x and
 writes the dropped-out copy and its mask; the backward draws them again and takes the adapter's input
-gradient through two more kernels (dropout's backward, the add into the base layer's). On the 8B that
-is 70-90 ms of a 0.63 s LoRA step on an H200 (bench/results/profile_train_step_*), all of it passes
-over memory. Here:
+gradient through two more kernels (dropout's backward, the add into the base layer's): on the 8B a
+sizeable share of a LoRA step, all of it passes over memory. Here (docs/performance.md says what it saves):
 - `dropout_a` reads x once and writes only dropout(x) @ A^T (rank columns);
 - `dropout_a_backward` reads x and the base layer's input gradient once, writes A's gradient and adds
   the adapter's input gradient into the base layer's in place; for q, k and v (gate and up) at once:
   x and the input gradient their matmuls summed are read once for all three, each with its own mask;
 - `add_b` adds scale * B's output into the base layer's in one pass, where cuBLAS's addmm_ with
-  rank-wide operands ran at about 2.3 TB/s on an H200.
+  rank-wide operands falls well short of the memory's bandwidth.
 Each kernel draws the mask of the elements it reads from Philox-4x32-10 (Triton's, the algorithm of
 torch's CUDA generator): counter `offset // 4 + (row * k + col) // 8` under the generator's seed gives
 4 random words, each half word one of 8 neighbouring elements, kept where its 16 bits are at least
 round(p * 2**16): probability 1 - p within 2**-17 (p 0.1: 0.100006). Eight elements a counter, not
-four of 24 bits, halves the Philox work, which bounds the forward (on down_proj 0.174 ms a call, 0.076
-without dropout; bench/lora_kernels.py).
+four of 24 bits, halves the Philox work, which bounds the forward (bench/lora_kernels.py times the
+kernels with and without dropout).
 The forward takes the counters from the CUDA generator and moves it past them, as torch's dropout
 does, so the backward, a recomputed forward (activation checkpointing restores the generator) and the
 next random op agree with it. The masks have the distribution of torch's dropout, not its draws
@@ -230,8 +229,8 @@ def dropout_a(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, offset: int
     With `adapters` > 1, A stacks theirs ([adapters * r, k]) and each drops x out with a mask of its
     own (adapter i's the one `adapters` = 1 draws at offset + 4 * i * counters(n, k)); the result
     stacks their columns.
-    16 x 256 tiles: over the 8B's layers within 3% of the fastest that bench/lora_kernels.py times on
-    an H200 (bench/results/lora_kernels_h200_part37.json; 32 x 128 took down_proj 15% longer)."""
+    The default tiles (16 x 256) are within a few percent of the fastest over the 8B's layers of those
+    bench/lora_kernels.py times."""
     _check(x, a, adapters)
     n, k = x.shape
     rank = a.shape[0] // adapters
@@ -279,9 +278,8 @@ def add_b(y: torch.Tensor, hidden: torch.Tensor, b: torch.Tensor, scale: float,
           block_n: int = 32, block_out: int = 256, warps: int = 4) -> torch.Tensor:
     """y += scale * hidden @ B^T in place, in one pass over y (float32 sums, rounded once, as cuBLAS's
     addmm_ does): y [n, out], hidden [n, r] (its rows may be strided, as `dropout_a` stacks a group's),
-    B [out, r]. On an H200, 8,576 rows (bench/results/lora_kernels_h200_part42.json): 0.046 ms into
-    4,096 columns and 0.118 into 12,288, against addmm_'s 0.061 and 0.187 (2.3 TB/s); into 1,024
-    columns 0.029 against 0.022, where ten queued calls of either time their launches more than the GPU."""
+    B [out, r]. Faster than addmm_ into the 8B's wide outputs; bench/lora_kernels.py times both on each
+    of the 8B's output widths."""
     if y.dim() != 2 or hidden.dim() != 2 or b.dim() != 2 or hidden.shape[0] != y.shape[0] \
             or b.shape != (y.shape[1], hidden.shape[1]) or (y.stride(1), hidden.stride(1), b.stride(1)) != (1, 1, 1):
         raise ValueError(f"add_b needs y [n, out], hidden [n, r] and B [out, r], each with contiguous "

@@ -4,9 +4,8 @@ Liger's RMSNorm backward (liger-kernel 0.8.5) launches one program per SM, each 
 the rows one row (or 16 short rows) at a time and summing the weight's gradient as it goes. With LoRA
 the 8B's norms are frozen, so nothing needs that sum, and one program of 8 (or 4) warps per SM keeps
 too few loads in flight: the 72 norms over the hidden size (4,096) and the 72 over each head (128) of
-a step took 14.8 ms of a 0.6 s LoRA step on an H200, at 1.1-2.2 TB/s
-(bench/results/profile_train_step_lora_80gb_lora_kernels_8_a_counter_h200.txt, bench/norm_and_rotary.py).
-Here they take 6.5 ms, at 3.5-3.7 TB/s on the larger ones (..._rms_norm_rotary_h200.txt).
+a step run well below the memory's bandwidth. Many programs of a few rows each keep it busy
+(bench/norm_and_rotary.py times both; docs/performance.md gives the figures).
 
 `input_grad` computes Liger's "llama" casting mode's gradient for x (the mode Liger patches Qwen3-VL
 with) from the same saved tensors, one tile of rows a program over a grid of thousands:

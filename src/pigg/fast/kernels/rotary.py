@@ -26,9 +26,8 @@ def rotary_takes(query, key, cos, sin) -> bool:
 def rotary(query, key, cos, sin, block_rows: int = 1, warps: int = 4):
     """q * cos + rotate_half(q) * sin and the same for k, in float32, each rounded once to q's dtype:
     the stock `apply_rotary_pos_emb_vision`, reading q and k [length, heads, head_dim] with any row and
-    head strides and writing contiguous results. A program a row: 0.125 ms a layer for 8 screenshots on
-    an H200, against 1.8 ms at 8 rows a program (bench/norm_and_rotary.py, bench/results/
-    profile_train_step_lora_80gb_rotary_8_rows_h200.txt)."""
+    head strides and writing contiguous results. A program a row by default: far faster than 8 rows a
+    program (bench/norm_and_rotary.py times the tiles)."""
     length, heads, head_dim = query.shape
     q_out, k_out = (torch.empty(query.shape, dtype=query.dtype, device=query.device) for _ in range(2))
     half = head_dim // 2

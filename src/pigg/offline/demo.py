@@ -12,7 +12,10 @@ does no better than a prior learned where targets usually are, not how to find t
 Why blocks and not the phone screens of `pigg.offline.synth`: those name most elements by the text
 drawn on them, which a tiny model behind a random, frozen vision tower cannot read. A colour survives
 the random patch embedding; the tower's random position embeddings are raised to the pixels' size
-(`make_tiny_checkpoint(position_scale=...)`) so that its output also tells the cells apart.
+(`make_tiny_checkpoint(position_scale=...)`) so that its output also tells the cells apart. The
+language model's hidden states at the image tokens do differ from cell to cell, but in the minutes a
+CPU allows the tiny model does not learn to use them: it learns the format and the colour words and
+answers the training users' densest point for every screen, which is what the global prior answers.
 
 The presets are NOT the seed's recipe: the seed's lr 1e-6 on an 8B model would teach a random
 2-layer model nothing in a few minutes, so the demo trains the whole tiny language model at high

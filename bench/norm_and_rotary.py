@@ -18,8 +18,7 @@ import torch
 from lora_kernels import gpu_ms
 
 from pigg.fast.kernels import rms_norm
-
-from pigg.fast.kernels import rotary
+from pigg.fast.kernels import rotary as rotary_kernel
 
 NORMS = {"hidden": (8576, 4096), "q_norm": (8576 * 32, 128), "k_norm": (8576 * 8, 128)}
 ROTARY = (30912, 16, 72)
@@ -63,7 +62,7 @@ def rotary() -> dict:
     stock = gpu_ms(lambda: modeling_qwen3_vl.apply_rotary_pos_emb_vision(query, key, cos, sin))
     liger = gpu_ms(lambda: liger_rotary_pos_emb(query.unsqueeze(0).transpose(1, 2), key.unsqueeze(0).transpose(1, 2),
                                                 cos, sin))
-    tiles = {f"{rows}x{warps}": gpu_ms(lambda r=rows, w=warps: rotary.rotary(query, key, cos, sin, r, w))
+    tiles = {f"{rows}x{warps}": gpu_ms(lambda r=rows, w=warps: rotary_kernel.rotary(query, key, cos, sin, r, w))
              for rows, warps in ROTARY_TILES}
     row = dict(shape=ROTARY, stock_ms=stock, liger_ms=liger, pigg_tiles_ms=tiles)
     print(f"vision rotary {ROTARY}: stock {row['stock_ms']:.3f} ms, Liger {row['liger_ms']:.3f} ms, pigg.fast.kernels.rotary "

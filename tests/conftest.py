@@ -68,3 +68,19 @@ def tiny_run_config(tiny_dir, data_root, out, **train):
     for key, value in train.items():  # a speed switch goes to `fast`, the rest to `train`
         setattr(cfg.fast if key in C.MOVED_TO_FAST else t, key, value)
     return cfg
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A data root holding one 60x120 screenshot, shot.png (tests/test_data*.py)."""
+    from PIL import Image
+
+    Image.new("RGB", (60, 120), "white").save(tmp_path / "shot.png")
+    return tmp_path
+
+
+def data_config(root, users="1", **kw):
+    """The data settings of a small validation run on `root`."""
+    from pigg.config import DataConfig
+
+    return DataConfig(data_root=str(root), users=users, validation_workers=1, **kw)

@@ -6,7 +6,7 @@ import re
 import pytest
 from PIL import Image
 
-from pigg.config import DataConfig
+from conftest import data_config as cfg
 from pigg.data.samples import DataError, find_user_files, load_samples, normalize_sample
 from pigg.data.pickles import UnsafePickleError, load_pickle
 from pigg.data.users import format_users, parse_users, seed_users_arg
@@ -20,16 +20,6 @@ def write_user(root, user, samples, protocol=4):
 def good_sample(image="shot.png", role="system"):
     return [{"role": role, "content": [{"type": "image", "image": image}, {"type": "text", "text": "tap"}]},
             {"role": "assistant", "content": "```referring\nx\n```\n```grounding\n[1, 2]\n```"}]
-
-
-@pytest.fixture
-def root(tmp_path):
-    Image.new("RGB", (60, 120), "white").save(tmp_path / "shot.png")
-    return tmp_path
-
-
-def cfg(root, users="1", **kw):
-    return DataConfig(data_root=str(root), users=users, validation_workers=1, **kw)
 
 
 def test_system_becomes_user_and_paths_resolve(root):

@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
 
 import pigg.grounding.metrics as M
 from pigg.cli import main
-from pigg.config import DataConfig
+from conftest import data_config as cfg
 from pigg.data.samples import DataError, load_samples, read_user_file
 
 CUT = "(the file may be cut short; copy it again)"
@@ -20,16 +19,6 @@ CUT = "(the file may be cut short; copy it again)"
 def sample(answer="```referring\nx\n```\n```grounding\n[1, 2]\n```"):
     return [{"role": "system", "content": [{"type": "image", "image": "shot.png"}, {"type": "text", "text": "tap"}]},
             {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-
-
-@pytest.fixture
-def root(tmp_path):
-    Image.new("RGB", (60, 120), "white").save(tmp_path / "shot.png")
-    return tmp_path
-
-
-def cfg(root, users="1", **kw):
-    return DataConfig(data_root=str(root), users=users, validation_workers=1, **kw)
 
 
 def problems(root, users="1", **kw) -> list[str]:

@@ -1,6 +1,4 @@
 """torch.compile for the language model's decoder layers (`fast.torch_compile`, off by default)."""
-import torch
-
 from pigg import config as C
 from pigg.model.loading import unwrapped
 

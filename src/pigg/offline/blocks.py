@@ -18,7 +18,6 @@ Files are the same as `synth.synthesize` writes: `user_{id}.pkl`, `images/user_{
 """
 import json
 import pickle
-import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw

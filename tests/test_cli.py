@@ -168,3 +168,8 @@ def test_seed_scripts_run_pigg(script, tmp_path):
     assert run.returncode == 2, run.stderr[-2000:]
     expected = "not a checkpoint" if script.startswith("3_") else "data root is not a folder"
     assert expected in run.stderr
+
+
+def test_personalize_refuses_a_benchmark(capsys):
+    assert main(["personalize", "--base", "global_agent_lora", "--benchmark", "screenspot-v2"]) == 2
+    assert "a public benchmark is for pigg eval --benchmark" in capsys.readouterr().err

@@ -202,8 +202,11 @@ def cmd_personalize(args) -> None:
     from pigg.personalize import PERSONALIZE_DEFAULTS, global_defaults, personalize
 
     # precedence: seed defaults < personalization defaults < the global run's model settings < YAML < flags
-    base = config_from_args(args, PERSONALIZE_DEFAULTS).personalize.base
-    personalize(config_from_args(args, {**PERSONALIZE_DEFAULTS, **global_defaults(base)}))
+    first = config_from_args(args, PERSONALIZE_DEFAULTS)
+    if first.eval.benchmark:  # the eval section's flags come along; this one has no meaning here
+        raise C.ConfigError("personalize scores each user's held-out fold; a public benchmark is for pigg eval "
+                            "--benchmark (with the personalized fold's --adapter)")
+    personalize(config_from_args(args, {**PERSONALIZE_DEFAULTS, **global_defaults(first.personalize.base)}))
 
 
 def cmd_predict(args) -> None:

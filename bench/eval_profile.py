@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from eval_gpu import timed
 from phone_8b import phone_users_and_8b
 from pigg import config as C
 from pigg.data.collate import sample_length
@@ -23,16 +24,6 @@ from pigg.data.samples import load_samples
 from pigg.evaluate import PromptCollator, generate_batch, length_batches, prompt_and_truth
 from pigg.model.loading import load_model
 from pigg.data.processor import load_processor
-
-
-def timed(fn, repeat=2):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeat
 
 
 def main(argv=None):

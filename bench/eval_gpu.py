@@ -11,10 +11,10 @@ length-sorted batches, scoring, JSONL writes. Three variants in one run:
 
 Each variant first runs one batch to warm up, then its timed samples: "samples/s" end to end (the
 evaluate() call, DataLoader start included), "steady" from the answers of the first batch of the size
-asked for to the last's (the fast path first answers smaller pieces of its first batch).
+asked for to the last's (the fast path's workers prepare its first batch in pieces, joined before it is answered).
 current and pigg at the largest size answer the same samples in the same batches; their answers are
 compared (exact text, parsed point). Then, on one batch, where the fast path's time goes (`levers`): prefill with and
-without batched vision attention against generate()'s prefill (one new token), and 39 decoding steps replayed as a
+without batched vision attention, Liger's kernels and cuDNN attention against generate()'s prefill (one new token), and 39 decoding steps replayed as a
 CUDA graph against the same steps run eagerly.
 
     python bench/eval_gpu.py [BATCH_SIZE ...] [--batches 3] [--seed-samples 8] [--parts ...] [--json NAME]
@@ -123,9 +123,12 @@ def levers(model, processor, samples, sizes, bs: int) -> dict:
     with torch.inference_mode():
         gen = Generator(model, processor, NEW_TOKENS, NEW_TOKENS)
         res["fast_prefill_s"] = timed(lambda: gen.prefill(right, lengths), 1)
-        gen.vision_batched = False
-        res["fast_prefill_stock_vision_s"] = timed(lambda: gen.prefill(right, lengths), 1)
-        gen.vision_batched = True
+        for switch, value, name in (("vision_batched", False, "stock_vision"), ("liger", True, "liger"),
+                                    ("cudnn", True, "cudnn"), ("cudnn", False, "no_cudnn")):
+            before = getattr(gen, switch)
+            setattr(gen, switch, value)
+            res[f"fast_prefill_{name}_s"] = timed(lambda: gen.prefill(right, lengths), 1)
+            setattr(gen, switch, before)
         logits, cache, deltas = gen.prefill(right, lengths)
         state = gen.state_for(len(lengths), right["input_ids"].shape[1])
         state.load(cache, lengths.to(gen.device), deltas, logits)

@@ -6,8 +6,8 @@ import pytest
 from conftest import tiny_run_config
 from pigg import config as C
 from pigg.data.samples import load_samples
-from pigg.evaluate import (PromptCollator, evaluate, generate_batch, length_batches, prompt_and_truth, read_done,
-                           split_first)
+from pigg.evaluate import (PromptCollator, evaluate, first_joined, generate_batch, join, length_batches,
+                           prompt_and_truth, read_done, split_first)
 from pigg.seed_cli import translate_eval
 
 
@@ -52,6 +52,25 @@ def test_split_first_cuts_only_the_first_batch():
     assert split_first(batches, 3) == [list("abc"), list("def"), list("g"), list("hij"), list("k")]
     assert split_first(batches, 1) == batches
     assert split_first([], 4) == []
+
+
+def test_joined_pieces_equal_the_batch_collated_whole(setup, processor):
+    _, samples, _ = setup
+    items = sorted((prompt_and_truth(s) for s in samples[:7]), key=lambda p: -len(p[0].messages[0]["content"][1]["text"]))
+    collate = PromptCollator(processor, fast=True)
+    whole, whole_items = collate(items)
+    parts = [collate(items[k:k + 3]) for k in range(0, 7, 3)]
+    assert len({batch["input_ids"].shape[1] for batch, _ in parts}) > 1, "the test needs pieces of different widths"
+    joined, joined_items = join(parts, processor.tokenizer.pad_token_id)
+    assert joined_items == whole_items
+    assert joined.keys() == whole.keys()
+    for key in whole:
+        assert joined[key].equal(whole[key]), key
+    # the loader's first pieces are joined, the rest pass as they are
+    loader = [parts[0], parts[1], parts[2], "next"]
+    out = list(first_joined(loader, 2, processor.tokenizer.pad_token_id))
+    assert out[0][0]["input_ids"].shape[0] == 6 and out[1:] == [parts[2], "next"]
+    assert list(first_joined([], 3, 0)) == []
 
 
 def test_outputs_and_resume_after_interruption(setup, processor, tmp_path, monkeypatch):

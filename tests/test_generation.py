@@ -103,3 +103,29 @@ def test_graph_answers_equal_eager_and_generate_on_gpu(setup, processor):
         assert graphed(batch) == expected  # the graph replayed for a second batch of the same shape
     finally:
         model.to("cpu")
+
+
+@pytest.mark.gpu
+def test_liger_prefill_equals_transformers_and_is_undone_on_gpu(setup, processor):
+    pytest.importorskip("liger_kernel")
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    model, items = setup
+    model = model.to("cuda")
+    rope, mlp = modeling_qwen3_vl.apply_rotary_pos_emb, modeling_qwen3_vl.Qwen3VLTextMLP.forward
+    try:
+        batch, lengths = right_padded(PromptCollator(processor, fast=True)(items[:6])[0])
+        gen = Generator(model, processor, 12, liger=True)
+        assert gen.liger
+        with torch.inference_mode():
+            fused_logits, fused_cache, _ = gen.prefill(batch, lengths)
+            gen.liger = False
+            plain_logits, plain_cache, _ = gen.prefill(batch, lengths)
+        torch.testing.assert_close(fused_logits, plain_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fused_cache.layers[-1].keys, plain_cache.layers[-1].keys, rtol=1e-4, atol=1e-4)
+        assert fused_logits.argmax(-1).equal(plain_logits.argmax(-1))
+        # transformers' functions and the norms' own forward are back for the decoding step
+        assert modeling_qwen3_vl.apply_rotary_pos_emb is rope and modeling_qwen3_vl.Qwen3VLTextMLP.forward is mlp
+        assert not any("forward" in m.__dict__ for m in model.model.language_model.modules())
+    finally:
+        model.to("cpu")

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pigg import config as C
@@ -64,11 +65,43 @@ class PromptCollator:
 
 def split_first(batches: list[list], pieces: int) -> list[list]:
     """The first batch cut into `pieces` smaller ones: each DataLoader worker prepares one, so the
-    first answers come after a fraction of a batch's preparation instead of a whole one."""
+    first batch is ready after a fraction of a batch's preparation instead of a whole one (`joined`
+    puts the pieces back together before they are answered)."""
     if pieces < 2 or not batches:
         return batches
     first, size = batches[0], -(-len(batches[0]) // pieces)
     return [first[k:k + size] for k in range(0, len(first), size)] + batches[1:]
+
+
+def join(parts: list[tuple[dict, list]], pad_id: int) -> tuple[dict, list]:
+    """One right-padded batch (`PromptCollator(fast=True)`'s) of several, rows in order: rows are padded
+    to the widest, the padding continuing each row's rotary positions as text, as `rope_positions` does."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(batch["input_ids"].shape[1] for batch, _ in parts)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    joined = {}
+    for key in parts[0][0]:
+        tensors = [batch[key] for batch, _ in parts]
+        if key in fill:
+            tensors = [F.pad(t, (0, width - t.shape[1]), value=fill[key]) for t in tensors]
+        elif key == "position_ids":
+            tensors = [torch.cat([t, t[:, :, -1:] + torch.arange(1, width - t.shape[2] + 1)], 2) for t in tensors]
+            joined[key] = torch.cat(tensors, 1)
+            continue
+        elif key not in ("pixel_values", "image_grid_thw"):
+            raise ValueError(f"eval: cannot join batches holding {key!r}")
+        joined[key] = torch.cat(tensors, 0)
+    return joined, [item for _, items in parts for item in items]
+
+
+def first_joined(loader, pieces: int, pad_id: int):
+    """The loader's batches, its first `pieces` ones joined into one (see `split_first`)."""
+    batches = iter(loader)
+    first = [part for _, part in zip(range(pieces), batches)]
+    if first:
+        yield join(first, pad_id)
+    yield from batches
 
 
 def length_batches(prompts: list[tuple[Sample, str]], lengths: list[int], batch_size: int) -> list[list]:
@@ -184,12 +217,16 @@ def _evaluate(model, processor, samples, sizes, out_dir: Path, batch_size, max_n
     write_dir.mkdir(exist_ok=True)
     # Each worker prepares whole batches; with several workers the next batches are ready while the
     # GPU generates (the processor takes ~45 ms a phone screenshot).
-    collate = PromptCollator(processor)
+    # The fast path cuts the first batch into one piece a worker and answers the pieces joined: its
+    # first answers wait for a fraction of a batch's preparation, and no batch is decoded short.
+    collate, pieces = PromptCollator(processor), 1
     if generator is not None:
+        pieces = len(split_first(batches[:1], workers))
         batches = split_first(batches, workers)
         collate = PromptCollator(processor, fast=True, pixel_dtype=generator.pixel_dtype)
     loader = DataLoader(batches, batch_size=None, collate_fn=collate, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+    loader = first_joined(loader, pieces, processor.tokenizer.pad_token_id)
     from tqdm.auto import tqdm
 
     model.eval()

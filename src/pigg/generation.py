@@ -11,8 +11,10 @@ Python while the weights and the cache it reads take a few milliseconds. Here:
   after the prompt: each row's position offset for the answer (`rope_deltas`) is then what it is
   without padding. Evaluation's collator computes them in its DataLoader workers
   (`pigg.data.collate.rope_positions`, the batch's `position_ids`); else the model computes them. The
-  vision tower attends same-sized images in one call (`pigg.fast.vision`, as in training).
-  Logits are taken at each row's last prompt token only.
+  vision tower attends same-sized images in one call (`pigg.fast.vision`, as in training). With
+  `liger=True` (a GPU and liger-kernel; not yet the default), the language model's RMSNorm, RoPE and
+  SwiGLU run Liger's fused kernels (`pigg.fast.liger.prefill_kernels`). Logits are taken at each row's
+  last prompt token only.
 - Decoding: the prefill's keys and values go into a static cache (rows x [prompt slots | answer slots]);
   slot validity is a mask, so each row's padding is never attended. One decoding step (embedding, 36
   layers, argmax, stop test) reads and writes only fixed buffers, so on a GPU it is captured once as a
@@ -32,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
+from pigg.fast import cudnn_attention
+from pigg.fast.liger import prefill_kernels, use_liger
 from pigg.fast.vision import batched_vision_attention, deepstack_without_waits, linear_patch_embedding
 from pigg.model.loading import unwrapped
 
@@ -79,7 +83,8 @@ class Generator:
     """Greedy decoding with a static cache; on a GPU the decoding step is a CUDA graph, captured for
     each (rows, prompt slots) and kept for the next batch of that shape."""
 
-    def __init__(self, model, processor, max_new_tokens: int, min_new_tokens: int = 0, graphs: bool | None = None):
+    def __init__(self, model, processor, max_new_tokens: int, min_new_tokens: int = 0, graphs: bool | None = None,
+                 liger: bool | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"generation: max_new_tokens must be at least 1, got {max_new_tokens}")
         self.core = unwrapped(model)
@@ -89,7 +94,12 @@ class Generator:
         self.device = self.core.lm_head.weight.device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.state = None  # the static buffers (and graph) of the last batch shape
-        self.vision_batched = True  # bench/eval_gpu.py turns it off to measure what it saves
+        # bench/eval_gpu.py switches these to measure what each saves. Liger's kernels in the prefill
+        # (`liger=True`) and a cuDNN choice (`cudnn`: True or False; None leaves PyTorch's) are off until
+        # measured on a GPU (bench/eval_gpu.py's levers).
+        self.vision_batched = True
+        self.liger = bool(liger) and use_liger(liger) and self.device.type == "cuda"
+        self.cudnn = None
         self.pixel_dtype = self.core.model.visual.dtype
 
     def close(self) -> None:
@@ -116,7 +126,8 @@ class Generator:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.pixel_dtype)
         visual = core.model.visual
         with (batched_vision_attention(visual, self.vision_batched), linear_patch_embedding(visual),
-              deepstack_without_waits()):
+              deepstack_without_waits(), prefill_kernels(core, self.liger),
+              cudnn_attention(self.cudnn) if self.cudnn is not None else contextlib.nullcontext()):
             out = core.model(**inputs, use_cache=True)
         cache = getattr(out, "cache", None)  # transformers 5.24; 5.17 names it past_key_values
         cache = out.past_key_values if cache is None else cache

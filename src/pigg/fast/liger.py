@@ -93,3 +93,46 @@ def wider_rms_norm_backward():
         yield True
     finally:
         liger.rms_norm_backward = stock
+
+
+@contextlib.contextmanager
+def prefill_kernels(core, on: bool):
+    """While in the block, the language model's RMSNorms (q and k norms too), RoPE and SwiGLU run Liger's
+    fused kernels, and transformers' own come back after: generation's prefill (`pigg.generation`), where
+    the ~1,100 tokens of each of up to 128 rows make each unfused elementwise pass cost milliseconds. The
+    decoding step, a CUDA graph of one token a row, keeps transformers' functions. Any forward that a
+    module held of its own before (a training run's Liger patch) is put back as it was."""
+    if not on:
+        yield
+        return
+    from liger_kernel.ops import LigerRMSNormFunction, LigerSiLUMulFunction
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    def rms_norm(module):
+        return lambda x: LigerRMSNormFunction.apply(x, module.weight, module.variance_epsilon, 0.0, "llama", False,
+                                                    None)
+
+    def swiglu(mlp, x):
+        return mlp.down_proj(LigerSiLUMulFunction.apply(mlp.gate_proj(x), mlp.up_proj(x)))
+
+    norms = [m for m in core.model.language_model.modules() if isinstance(m, modeling_qwen3_vl.Qwen3VLTextRMSNorm)]
+    own = [(m, m.__dict__.get("forward")) for m in norms]
+    functions = [(modeling_qwen3_vl, "apply_rotary_pos_emb", liger_rotary_pos_emb)]
+    if liger_swiglu(core.config.get_text_config()):
+        functions.append((modeling_qwen3_vl.Qwen3VLTextMLP, "forward", swiglu))
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in functions]
+    for module in norms:
+        module.forward = rms_norm(module)
+    for owner, name, value in functions:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        for module, forward in own:
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward

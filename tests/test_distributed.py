@@ -263,6 +263,29 @@ def test_data_parallel_eval_writes_one_process_metrics(one_process, synth_root, 
     assert [r["command"] for r in kept if r["index"] == index] == ["kept"]
 
 
+# ---- reinforcement fine-tuning -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_rl_runs_in_two_processes_through_the_same_launcher(tiny_dir, synth_root, tmp_path):
+    """`pigg rl --nproc 2`: TRL's GRPOTrainer under pigg's launcher, each process sampling and scoring its
+    share of a step's answers; the main process writes the adapter and provenance once."""
+    cfg = tiny_run_config(tiny_dir, synth_root, tmp_path / "rl", max_steps=2, batch_size=2, grad_accum=None,
+                          learning_rate=5e-2)
+    cfg.data.users = "1"
+    cfg.rl.generations, cfg.rl.prompts_per_step, cfg.rl.max_new_tokens, cfg.rl.temperature = 4, 1, 8, 1.5
+    path = tmp_path / "rl.yaml"
+    C.save_yaml(cfg, path)
+    run = pigg(["rl", "--config", str(path)], tmp_path, nproc=2)
+    from pigg.rl import output_folder
+
+    out = output_folder(cfg)
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["method"] == "grpo" and provenance["optimizer_steps"] == 2
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+    assert run.stdout.count("saved the GRPO adapter") == 1  # the other process is quiet
+    assert "rl: 2 process(es); a step samples 4 answers to each of 1 prompt(s), 2 answers on each process" in run.stdout
+
+
 # ---- on GPUs ------------------------------------------------------------------------------------
 
 @pytest.mark.gpu

@@ -91,6 +91,9 @@ def _rl(cfg, callbacks):
     if is_main():
         C.save_yaml(cfg, out / "pigg_config.yaml")
     trainer = grpo_trainer(model, prompts_processor, samples, cfg, out, callbacks)
+    r, world = cfg.rl, world_size()
+    print(f"rl: {world} process(es); a step samples {r.generations} answers to each of {r.prompts_per_step} "
+          f"prompt(s), {r.generations * r.prompts_per_step // world} answers on each process")
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     trainer.save_model(str(out))

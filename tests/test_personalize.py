@@ -42,6 +42,12 @@ def test_too_few_samples_is_an_error():
         folds_of(2, 3, "kfold", 42, user=3)
 
 
+def test_train_vision_is_refused(tiny_dir, synth_root, tmp_path):
+    cfg = personal_config(tiny_dir, synth_root, tmp_path, tmp_path / "global", method="full", vision=True)
+    with pytest.raises(C.ConfigError, match="train.vision is for global fine-tuning"):
+        personalize(cfg)
+
+
 @pytest.fixture(scope="module")
 def global_lora(tiny_dir, synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("global")

@@ -81,6 +81,18 @@ def test_full_fine_tuning_trains_the_llm_and_keeps_vision(tiny_dir, synth_root, 
     assert not any(".visual." in k for k in changed)
 
 
+def test_train_vision_trains_the_tower_and_projector_too(tiny_dir, synth_root, tmp_path, capsys):
+    folder = train(tiny_run_config(tiny_dir, synth_root, tmp_path, method="full", max_steps=2, vision=True))
+    before = Qwen3VLForConditionalGeneration.from_pretrained(tiny_dir).state_dict()
+    after = Qwen3VLForConditionalGeneration.from_pretrained(folder).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".visual.blocks." in k for k in changed) and any(".visual.merger." in k for k in changed)
+    assert any("language_model.layers" in k for k in changed)
+    assert "fast.batched_vision_attention and fast.vision_without_autocast are off" in capsys.readouterr().out
+    with pytest.raises(C.ConfigError, match="train.vision trains the vision tower with full fine-tuning only"):
+        C.validate(tiny_run_config(tiny_dir, synth_root, tmp_path, method="lora", vision=True))
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from transformers import TrainerCallback

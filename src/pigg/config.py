@@ -58,6 +58,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     method: str = opt("lora", "lora or full (the whole language model; vision and projector stay frozen).")
+    vision: bool = opt(False, "With full fine-tuning, also train the vision tower and its projector (Qwen's "
+                              "tune_mm_vision and tune_mm_mlp). The demo's random tiny model needs it; the batch "
+                              "plan does not count the tower's activations, and its speed switches stay off.")
     output_dir: str = opt(".", "Folder that receives global_agent_lora/ or global_agent_full/.")
     learning_rate: float | None = opt(None, "Peak learning rate (None: by method, 1e-4 for LoRA, 1e-6 for full "
                                             "fine-tuning; the seed used 1e-6 for both).")
@@ -262,6 +265,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     t, d, m, lo = cfg.train, cfg.data, cfg.model, cfg.lora
     if t.method not in ("lora", "full"):
         p.append(f"train.method must be 'lora' or 'full', got {t.method!r}")
+    if t.vision and t.method != "full":
+        p.append("train.vision trains the vision tower with full fine-tuning only (train.method full)")
     if cfg.fast.pad_to_multiple < 1:
         p.append(f"fast.pad_to_multiple must be >= 1, got {cfg.fast.pad_to_multiple}")
     for name in ("effective_batch", "batch_size", "grad_accum", "save_steps", "save_total_limit", "logging_steps"):

@@ -105,6 +105,9 @@ def personalize(cfg: C.RunConfig) -> Path:
     from pigg.logs import log_path, tee_output
 
     C.validate(cfg)
+    if cfg.train.vision:
+        raise C.ConfigError("personalize trains the language model of each fold (LoRA or full); train.vision is "
+                            "for global fine-tuning (pigg train)")
     with tee_output(log_path(cfg.train.log_dir, f"personalize_{cfg.train.method}")) as log_file:
         print(f"pigg personalize: log file {log_file}")
         return _personalize(cfg)

@@ -49,7 +49,7 @@ def _train(cfg, callbacks) -> Path:
 
     set_seed(cfg.train.seed)  # adapters are initialised before the Trainer would seed anything
     model = load_model(cfg.model, device())
-    model = prepare_model(model, cfg.train.method, cfg.lora)
+    model = prepare_model(model, cfg.train.method, cfg.lora, cfg.train.vision)
     print(format_counts(parameter_counts(model)))
     out.mkdir(parents=True, exist_ok=True)
     if is_main():
@@ -79,7 +79,7 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
     if cfg.fast.torch_compile:
         compile_decoder_layers(model)
     visual = unwrapped(model).model.visual
-    fast = cfg.fast
+    fast = frozen_tower_switches(cfg.fast, visual)
     trainer = GlobalTrainer(
         logits_on_labels_only=fast.logits_on_labels_only,
         model=model,
@@ -91,9 +91,20 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
         callbacks=[*([TensorBoardCallback(tb_writer=tensorboard_writer(out))] if is_main() else []), *callbacks],
     )
     print_processes(trainer, cfg.train, model)
-    with speedups(model, cfg.fast, trainer.args):
+    with speedups(model, fast, trainer.args):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer, plan
+
+
+def frozen_tower_switches(fast, visual):
+    """`fast`, with the speed switches written for a frozen vision tower off where the tower trains
+    (`train.vision`): the batched attention's rotary kernel and the tower's forward outside autocast."""
+    if not any(p.requires_grad for p in visual.parameters()):
+        return fast
+    if fast.batched_vision_attention or fast.vision_without_autocast:
+        print("note: the vision tower trains (train.vision), so fast.batched_vision_attention and "
+              "fast.vision_without_autocast are off")
+    return dataclasses.replace(fast, batched_vision_attention=False, vision_without_autocast=False)
 
 
 def print_config(cfg) -> None:

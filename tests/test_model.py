@@ -58,3 +58,19 @@ def test_position_scale_raises_only_the_vision_position_embeddings(tiny_dir, tmp
     key = next(k for k in plain if k.endswith("visual.pos_embed.weight"))
     assert torch.allclose(scaled[key], 40 * plain[key])
     assert all(torch.equal(plain[k], scaled[k]) for k in plain if k != key)
+
+
+def test_demo_architecture_is_consistent_and_builds():
+    from pigg.model.architectures import demo_qwen3_vl_config
+
+    config = demo_qwen3_vl_config()
+    text = config.text_config
+    assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2
+    assert text.num_attention_heads * text.head_dim == text.hidden_size == config.vision_config.out_hidden_size
+    # rows 0 and 5 of the demo's 6x6 image tokens turn the height section's fastest pair by more than a radian
+    # (Qwen's base of 5,000,000 with head size 16 turned it by 0.7)
+    theta, pairs = text.rope_parameters["rope_theta"], text.head_dim // 2
+    assert 5 * theta ** (-2 * 1 / (2 * pairs)) > 1
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(config)
+    assert parameter_counts(model)["all"][1] == 39_932_096

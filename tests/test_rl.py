@@ -138,6 +138,14 @@ def test_cli_maps_rl_flags_and_validates():
     assert "generations >= 2" in str(e.value) and "click_reward" in str(e.value) and "top_p" in str(e.value)
 
 
+def test_train_vision_is_refused(tiny_dir, synth_root, tmp_path):
+    from pigg.rl import rl
+
+    cfg = rl_config(tiny_dir, synth_root, tmp_path, method="full", vision=True)
+    with pytest.raises(C.ConfigError, match="train.vision is for global full fine-tuning"):
+        rl(cfg)
+
+
 def test_bench_arguments(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     try:

@@ -64,6 +64,9 @@ class Start:
 def rl(cfg: C.RunConfig, callbacks=()):
     """`pigg rl`: GRPO from the configured start; returns the output folder (and the trainer)."""
     C.validate(cfg)
+    if cfg.train.vision:
+        raise C.ConfigError("pigg rl trains a LoRA on the language model; train.vision is for global full "
+                            "fine-tuning (pigg train)")
     use_local_gpu()
     if not is_main():
         with quiet_stdout():
@@ -272,7 +275,7 @@ def demo_rl(cfg: C.RunConfig, global_folder: Path, test_users: str, steps: int =
     from pigg.grounding.report import write_report
 
     cfg = C.from_dict(RL_DEFAULTS, copy.deepcopy(cfg))  # the demo's model, data and logging settings
-    cfg.rl = C.RLSettings()
+    cfg.rl, cfg.train.vision = C.RLSettings(), False
     cfg.rl.start, cfg.rl.generations, cfg.rl.prompts_per_step, cfg.rl.max_new_tokens = str(global_folder), 4, 4, 48
     cfg.train.learning_rate, cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum = 1e-4, steps, None, None
     cfg.train.resume = (output_folder(cfg) / "checkpoints").is_dir()

@@ -2,7 +2,8 @@
 
 `qwen3_vl_8b_config()` is Qwen3-VL-8B-Instruct's architecture (for meta-device parameter counts
 and GPU benchmarks with random weights); `tiny_qwen3_vl_config()` is a model small enough to
-train on two CPU cores while keeping every structural feature (deepstack, mrope, merger).
+train on two CPU cores while keeping every structural feature (deepstack, mrope, merger), for the
+tests; `demo_qwen3_vl_config()` is the demo's, a little larger, which learns where things are.
 """
 from transformers import Qwen3VLConfig
 
@@ -48,3 +49,19 @@ def tiny_qwen3_vl_config() -> Qwen3VLConfig:
         tie_word_embeddings=False,
         **SPECIAL_IDS,
     )
+
+
+def demo_qwen3_vl_config() -> Qwen3VLConfig:
+    """`pigg demo`'s model: the tiny one with a 4-layer, 128-wide language model of head size 32 and a
+    rotary base of 100 instead of 5,000,000. With head size 16 and Qwen's base, the rotations of the image
+    rows and columns (6 of each on the demo's screens) hardly differ; with these, a random model learns
+    to find the named block (issue 24's probes: the 2-layer, 64-wide model never left the prior)."""
+    config = tiny_qwen3_vl_config()
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 128, 256, 4
+    text.num_attention_heads = text.num_key_value_heads = 4
+    text.head_dim = 32
+    text.rope_parameters = {"rope_type": "default", "rope_theta": 100.0, "mrope_interleaved": True,
+                            "mrope_section": [8, 4, 4]}
+    config.vision_config.out_hidden_size = 128
+    return config

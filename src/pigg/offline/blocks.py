@@ -3,7 +3,7 @@
 The phone screens of `pigg.offline.synth` name most elements by the text drawn on them, which a
 tiny model with a random, frozen vision tower cannot read, so on them a tiny model learns where
 elements usually are and little more. Here every command names what the pixels show: "tap the red
-block" on a screen of three to five solid blocks, each on its own cell of a 3x3 grid. A colour
+block" on a screen of two or three solid blocks of four colours, each on its own cell of a 3x3 grid. A colour
 survives the random patch embedding, and the vision tower's position embeddings tell the cells
 apart, so the answer can be learned from the pixels; a point that ignores them (a prior) hits one
 cell in nine at best.
@@ -24,12 +24,9 @@ from PIL import Image, ImageDraw
 
 from pigg.offline.synth import format_answer, make_prompt, user_rng
 
-COLOURS = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 230), "yellow": (240, 210, 0),
-    "purple": (140, 50, 190), "orange": (245, 130, 0), "black": (20, 20, 20), "cyan": (0, 200, 220),
-}
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 230), "yellow": (240, 210, 0)}
 GRID = 3
-BLOCKS = (3, 5)  # fewest and most blocks on a screen
+BLOCKS = (2, 3)  # fewest and most blocks on a screen
 BLOCK_SHARE = 0.7  # of a cell's side
 ALIAS_WORDS = ("the usual", "my colour")
 PLAIN = ("tap the {} block", "press the {} block", "click the {} square", "select the {} one")

@@ -7,17 +7,18 @@ from pigg.model.architectures import tiny_qwen3_vl_config
 from pigg.data.processor import make_processor, save_processor
 
 
-def make_tiny_checkpoint(path, seed: int = 0, position_scale: float = 1.0) -> Path:
+def make_tiny_checkpoint(path, seed: int = 0, position_scale: float = 1.0, config=None) -> Path:
     """Write a loadable tiny Qwen3-VL (random weights, fp32) plus its processor to `path`.
 
     `position_scale` multiplies the vision tower's random position embeddings. At 1 (the initialiser's
     0.02) they are about 40 times weaker than a patch's pixels, so the frozen tower's output hardly tells
-    one place from another; the demo, which must find where things are, raises them to the pixels' size."""
+    one place from another; the demo, which must find where things are, raises them to the pixels' size.
+    `config`: another architecture than `tiny_qwen3_vl_config()` (the demo's)."""
     from transformers import Qwen3VLForConditionalGeneration
 
     path = Path(path)
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(tiny_qwen3_vl_config())
+    model = Qwen3VLForConditionalGeneration(config or tiny_qwen3_vl_config())
     with torch.no_grad():
         model.model.visual.pos_embed.weight.mul_(position_scale)
     model.generation_config.eos_token_id = [151645, 151643]

@@ -185,6 +185,17 @@ def test_cdf_chart_ends_at_the_parsed_fraction(page):
     assert "parsed 82.4%" in page and "never reaches 1" in page
 
 
+def test_cdf_chart_draws_answers_off_the_screen_at_its_edge(tmp_path):
+    far = report.Run(label="far", folder=tmp_path, metrics={}, colour="#000",
+                     predictions=[{"distance": 83000.0}, {"distance": 10.0}])
+    chart = report.cdf_chart([far])
+    ticks = [int(t) for t in re.findall(r'text-anchor="middle">(\d+)</text>', chart)]
+    assert ticks == list(range(0, report.CDF_X_CAP + 1, 200))  # not 415 labels up to 83,000
+    xs = [float(p.split(",")[0]) for p in re.search(r'points="([^"]+)"', chart).group(1).split()]
+    assert max(xs) == pytest.approx(600 - 16)  # the plot's right edge, not 55 times beyond it
+    assert "1 answer(s) lie farther than 1500 (off the screen)" in chart
+
+
 def cards_of(page, run):
     gallery = section(page, f'<section class="gallery" data-run="{run}"', "</section>")
     found = re.findall(r'<figure class="card" data-user="(\d+)" data-index="(\d+)"', gallery)

@@ -449,6 +449,9 @@ def _axis_titles(width, height, left, top, plot_h, x_title, y_title) -> list:
             f'text-anchor="middle">{esc(y_title)}</text>']
 
 
+CDF_X_CAP = 1500  # the CDF's x axis ends here at the latest
+
+
 def cdf_steps(distances: list, n_total: int) -> list:
     """Corners of the empirical CDF: y at x is the fraction of ALL n_total samples with distance <= x.
 
@@ -465,7 +468,10 @@ def cdf_steps(distances: list, n_total: int) -> list:
 def cdf_chart(runs: list) -> str:
     distances = {r.label: [p["distance"] for p in r.predictions if p["distance"] is not None] for r in runs}
     longest = max((max(d) for d in distances.values() if d), default=0)
-    x_max = max(1000, math.ceil(longest / 100) * 100)  # 0-1000 space allows up to ~1414
+    # 0-1000 space allows up to ~1414 between two points on the screen; an answer off the screen (a
+    # model can write [83383, 8333]) is drawn at the right edge instead of squeezing the rest to nothing
+    x_max = max(1000, math.ceil(min(longest, CDF_X_CAP) / 100) * 100)
+    beyond = sum(d > x_max for ds in distances.values() for d in ds)
     width, height, left, right, top, bottom = 600, 340, 56, 16, 16, 52
     plot_w, plot_h = width - left - right, height - top - bottom
 
@@ -484,7 +490,7 @@ def cdf_chart(runs: list) -> str:
         steps = cdf_steps(distances[run.label], len(run.predictions)) if run.predictions else [(0.0, 0.0)]
         steps.append((float(x_max), steps[-1][1]))
         dash = f' stroke-dasharray="{DASH}"' if run.baseline is not None else ""
-        points = " ".join(px(x, y) for x, y in steps)
+        points = " ".join(px(min(x, x_max), y) for x, y in steps)
         lines.append((run.baseline is None, f'<polyline class="cdf" data-run="{esc(run.label)}" fill="none" '
                       f'stroke="{run.colour}" stroke-width="2"{dash} points="{points}"/>'))
         # a baseline always answers a point: its parsed share says nothing
@@ -497,7 +503,9 @@ def cdf_chart(runs: list) -> str:
             '<p class="note">y = fraction of ALL samples whose prediction lies within distance x of the ground '
             "truth. Unparsed answers have no distance but stay in the denominator, so a run with parse "
             f"failures never reaches 1. The dashed black line marks {HIT_RADIUS}, the Click Acc radius; dashed "
-            "coloured lines are baselines.</p></figure>")
+            "coloured lines are baselines."
+            + (f" {beyond} answer(s) lie farther than {x_max} (off the screen): the curves reach them at the "
+               "right edge." if beyond else "") + "</p></figure>")
 
 
 def charts_section(runs: list, users: list) -> str:

@@ -287,7 +287,8 @@ def demo_rl(cfg: C.RunConfig, global_folder: Path, test_users: str, steps: int =
     for label, adapter in (("global", None), ("global+grpo", str(folder))):
         model = load_for_inference(dataclasses.replace(cfg.model, name_or_path=str(global_folder)), adapter, device())
         run = folder.parent / "rl_demo_eval" / label
-        metrics = evaluate(model, processor, samples, sizes, run, 16, 48, 1, meta={"label": label})
+        metrics = evaluate(model, processor, samples, sizes, run, 16, 48, 1,
+                           meta={"label": label, "model": str(global_folder), "adapter": adapter})
         print(f"\ndemo: {label} on held-out users {test_users}\n{format_metrics(metrics)}")
         runs.append(run)
     report = write_report(runs, folder.parent / "rl_demo_eval" / "report.html")

@@ -88,6 +88,11 @@ def test_layout_summaries_and_report(global_lora, tiny_dir, synth_root, tmp_path
     assert sum(f["global"]["n"] for f in summary["folds"].values()) == 8
     overall = json.loads((out / "summary.json").read_text())
     assert overall["vanilla"]["micro"]["n"] == overall["personalized"]["micro"]["n"] == 8
+    # each run names what answered, as pigg eval's metrics.json does (the report's "Runs compared")
+    named = {m: json.loads((out / m / "metrics.json").read_text()) for m in ("vanilla", "global", "personalized")}
+    assert named["vanilla"]["model"] == named["global"]["model"] == str(tiny_dir) and "adapter" not in named["vanilla"]
+    assert named["global"]["adapter"] == str(global_lora)
+    assert named["personalized"]["model"] == "each fold's own: user_*/fold_*/"
     html = (out / "report.html").read_text()
     assert "vanilla" in html and "global" in html and "personalized" in html
     check_baselines(out, splits, summary, overall, html)

@@ -140,9 +140,11 @@ def _personalize(cfg: C.RunConfig) -> Path:
     held_out = [by_user[u][i] for u, k in jobs for i in splits[u][k][1]]
     print(f"personalize: {len(by_user)} user(s), {len(jobs)} fold(s), {len(held_out)} held-out samples")
 
-    evaluate_into(load_base(cfg, base_model), processor, held_out, sizes, out / "vanilla", cfg, "vanilla")
+    evaluate_into(load_base(cfg, base_model), processor, held_out, sizes, out / "vanilla", cfg, "vanilla",
+                  weights=base_model)
     model = load_global(cfg, base_model, global_adapter)
-    evaluate_into(model, processor, held_out, sizes, out / "global", cfg, "global")
+    evaluate_into(model, processor, held_out, sizes, out / "global", cfg, "global",
+                  weights=base_model if global_adapter else ps.base, adapter=global_adapter)
     start = llm_copy(model) if cfg.train.method == "full" else None
     for user, k in jobs:
         train_part = [by_user[user][i] for i in splits[user][k][0]]
@@ -208,13 +210,17 @@ def llm_copy(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if part_of(k) == "llm"}
 
 
-def evaluate_into(model, processor, samples, sizes, out_dir: Path, cfg, label: str) -> dict:
+def evaluate_into(model, processor, samples, sizes, out_dir: Path, cfg, label: str, weights: str | None = None,
+                  adapter: str | None = None) -> dict:
+    """`weights` and `adapter`: what answered, named in metrics.json as `pigg eval` names them."""
     from pigg.evaluate import evaluate
 
     e = cfg.eval
     model.config.use_cache = True
     metrics = evaluate(model, processor, samples, sizes, out_dir, e.batch_size, e.max_new_tokens, e.workers,
-                       meta=dict(label=label, base=cfg.personalize.base, users=cfg.data.users),
+                       meta=dict(label=label, **({"model": weights} if weights else {}),
+                                 **({"adapter": adapter} if adapter else {}), base=cfg.personalize.base,
+                                 users=cfg.data.users),
                        fast=e.fast_generation)
     model.config.use_cache = False
     return metrics
@@ -342,7 +348,8 @@ def _write_personalized_run(out: Path, per_user: dict) -> None:
     (folder / "predictions").mkdir(parents=True)
     for user, records in per_user.items():
         (folder / "predictions" / f"user_{user}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    write_json_atomic(folder / "metrics.json", {"label": "personalized", **M.aggregate(per_user)})
+    write_json_atomic(folder / "metrics.json", {"label": "personalized", "model": "each fold's own: user_*/fold_*/",
+                                                "adapter": "—", **M.aggregate(per_user)})
 
 
 def format_summary(overall: dict) -> str:

@@ -60,7 +60,8 @@ class TrainConfig:
     method: str = opt("lora", "lora or full (the whole language model; vision and projector stay frozen).")
     vision: bool = opt(False, "With full fine-tuning, also train the vision tower and its projector (Qwen's "
                               "tune_mm_vision and tune_mm_mlp). The demo's random tiny model needs it; the batch "
-                              "plan does not count the tower's activations, and its speed switches stay off.")
+                              "plan does not count the tower's activations, and the speed switches written for a "
+                              "frozen tower are turned off.")
     output_dir: str = opt(".", "Folder that receives global_agent_lora/ or global_agent_full/.")
     learning_rate: float | None = opt(None, "Peak learning rate (None: by method, 1e-4 for LoRA, 1e-6 for full "
                                             "fine-tuning; the seed used 1e-6 for both).")

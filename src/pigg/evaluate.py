@@ -82,16 +82,15 @@ def join(parts: list[tuple[dict, list]], pad_id: int) -> tuple[dict, list]:
     fill = {"input_ids": pad_id, "attention_mask": 0, "mm_token_type_ids": 0}
     joined = {}
     for key in parts[0][0]:
-        tensors = [batch[key] for batch, _ in parts]
+        tensors, rows = [batch[key] for batch, _ in parts], 0
         if key in fill:
             tensors = [F.pad(t, (0, width - t.shape[1]), value=fill[key]) for t in tensors]
-        elif key == "position_ids":
-            tensors = [torch.cat([t, t[:, :, -1:] + torch.arange(1, width - t.shape[2] + 1)], 2) for t in tensors]
-            joined[key] = torch.cat(tensors, 1)
-            continue
+        elif key == "position_ids":  # (3, rows, width)
+            tensors, rows = [torch.cat([t, t[:, :, -1:] + torch.arange(1, width - t.shape[2] + 1)], 2)
+                             for t in tensors], 1
         elif key not in ("pixel_values", "image_grid_thw"):
             raise ValueError(f"eval: cannot join batches holding {key!r}")
-        joined[key] = torch.cat(tensors, 0)
+        joined[key] = torch.cat(tensors, rows)
     return joined, [item for _, items in parts for item in items]
 
 
@@ -221,8 +220,9 @@ def _evaluate(model, processor, samples, sizes, out_dir: Path, batch_size, max_n
     # first answers wait for a fraction of a batch's preparation, and no batch is decoded short.
     collate, pieces = PromptCollator(processor), 1
     if generator is not None:
-        pieces = len(split_first(batches[:1], workers))
+        whole = len(batches)
         batches = split_first(batches, workers)
+        pieces += len(batches) - whole
         collate = PromptCollator(processor, fast=True, pixel_dtype=generator.pixel_dtype)
     loader = DataLoader(batches, batch_size=None, collate_fn=collate, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)

@@ -84,7 +84,7 @@ class Generator:
     each (rows, prompt slots) and kept for the next batch of that shape."""
 
     def __init__(self, model, processor, max_new_tokens: int, min_new_tokens: int = 0, graphs: bool | None = None,
-                 liger: bool | None = None):
+                 liger: bool = False):
         if max_new_tokens < 1:
             raise ValueError(f"generation: max_new_tokens must be at least 1, got {max_new_tokens}")
         self.core = unwrapped(model)
@@ -98,7 +98,7 @@ class Generator:
         # (`liger=True`) and a cuDNN choice (`cudnn`: True or False; None leaves PyTorch's) are off until
         # measured on a GPU (bench/eval_gpu.py's levers).
         self.vision_batched = True
-        self.liger = bool(liger) and use_liger(liger) and self.device.type == "cuda"
+        self.liger = liger and use_liger(liger) and self.device.type == "cuda"
         self.cudnn = None
         self.pixel_dtype = self.core.model.visual.dtype
 

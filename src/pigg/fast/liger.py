@@ -33,12 +33,8 @@ def liger_kernels(model, on: bool):
     if not on:
         yield
         return
-    from liger_kernel.ops import LigerSiLUMulFunction
     from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
     from transformers.models.qwen3_vl import modeling_qwen3_vl
-
-    def swiglu(mlp, x):  # Qwen3VLTextMLP.forward for SiLU
-        return mlp.down_proj(LigerSiLUMulFunction.apply(mlp.gate_proj(x), mlp.up_proj(x)))
 
     patched = [(modeling_qwen3_vl, name) for name in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision",
                                                       "Qwen3VLTextRMSNorm")]
@@ -58,6 +54,13 @@ def liger_kernels(model, on: bool):
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
+
+
+def swiglu(mlp, x):
+    """Qwen3VLTextMLP.forward for SiLU, with Liger's SiLU-and-product kernel."""
+    from liger_kernel.ops import LigerSiLUMulFunction
+
+    return mlp.down_proj(LigerSiLUMulFunction.apply(mlp.gate_proj(x), mlp.up_proj(x)))
 
 
 def liger_swiglu(text_config) -> bool:
@@ -105,16 +108,13 @@ def prefill_kernels(core, on: bool):
     if not on:
         yield
         return
-    from liger_kernel.ops import LigerRMSNormFunction, LigerSiLUMulFunction
+    from liger_kernel.ops import LigerRMSNormFunction
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
     from transformers.models.qwen3_vl import modeling_qwen3_vl
 
     def rms_norm(module):
         return lambda x: LigerRMSNormFunction.apply(x, module.weight, module.variance_epsilon, 0.0, "llama", False,
                                                     None)
-
-    def swiglu(mlp, x):
-        return mlp.down_proj(LigerSiLUMulFunction.apply(mlp.gate_proj(x), mlp.up_proj(x)))
 
     norms = [m for m in core.model.language_model.modules() if isinstance(m, modeling_qwen3_vl.Qwen3VLTextRMSNorm)]
     own = [(m, m.__dict__.get("forward")) for m in norms]

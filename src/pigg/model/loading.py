@@ -113,14 +113,11 @@ def format_counts(counts: dict) -> str:
 def prepare_model(model, method: str, lora: LoraSettings, vision: bool = False):
     """Freeze vision and projector, then adapt the language model (LoRA or full); with `vision` (full
     fine-tuning only) the vision tower and projector train too."""
-    freeze_vision(model)
     if method == "lora":
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model.requires_grad_(False)
         model = apply_lora(model, lora)
     elif vision:
-        model.requires_grad_(True)
-        return model
+        return model.requires_grad_(True)
     else:
         train_full_llm(model)
     assert_no_adapter_in_vision(model)

@@ -2,12 +2,14 @@
 phone screenshots: prompts per second, the time split between sampling the answers and the policy
 update, and peak memory.
 
-Random weights answer with junk, so every answer runs to --max-new-tokens (min_new_tokens is not
-set: a random model rarely emits <|im_end|>): the sampling time is the upper bound for that limit.
-Step times are taken from the second optimizer step on (the first pays for warm-up).
+Each sampler given (`rl.sampler`: pigg's generator, TRL's generate()) runs the same steps on the same
+model in turn, side by side. Random weights answer with junk, so every answer runs to --max-new-tokens
+(min_new_tokens is not set: a random model rarely emits <|im_end|>): the sampling time is the upper bound
+for that limit. Step times are taken from the second optimizer step on (the first pays for warm-up).
 
     python bench/rl_gpu.py [--steps 4] [--generations 8] [--prompts-per-step 4] [--max-new-tokens 64]
-                           [--beta 0.04] [--batch-size N] [--json FILE]   # also $OUT/rl_gpu.json when OUT is set
+                           [--beta 0.04] [--batch-size N] [--samplers pigg,transformers]
+                           [--json NAME]   # written as $OUT/NAME (rl_gpu.json) when OUT is set
 """
 import argparse
 import json
@@ -26,10 +28,15 @@ def parse_args(argv=None):
     parser.add_argument("--beta", type=float, default=0.04, help="KL weight (0 skips the reference pass)")
     parser.add_argument("--batch-size", type=int, default=None, help="answers per forward (default: G)")
     parser.add_argument("--samples", type=int, default=16, help="synthetic prompts to draw from")
-    parser.add_argument("--json", default=None, help="also write the result here")
+    parser.add_argument("--samplers", default="pigg,transformers",
+                        help="rl.sampler values to run one after the other (comma-separated)")
+    parser.add_argument("--json", default="rl_gpu.json", help="file name under $OUT for the results")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
+    args.samplers = args.samplers.split(",")
+    if not args.samplers or not set(args.samplers) <= {"pigg", "transformers"}:
+        parser.error(f"--samplers: pigg and/or transformers, got {','.join(args.samplers)}")
     return args
 
 
@@ -83,7 +90,38 @@ def main(argv=None):
     samples, _ = load_samples(cfg.data, scored=True)
     processor = left_padded(load_processor(str(model_dir), cfg.model.min_pixels, cfg.model.max_pixels))
     model = load_start(cfg, find_start(None, str(model_dir)))
-    trainer = grpo_trainer(model, processor, samples, cfg, root / "rl_agent_lora")
+    runs = []
+    for sampler in args.samplers:  # the same model: the adapter the run before trained only changes its answers
+        r.sampler = sampler
+        runs.append(timed_run(grpo_trainer(model, processor, samples, cfg, root / f"rl_{sampler}"), args, sampler))
+        drop_reference(model)
+        torch.cuda.empty_cache()
+    result = dict(device=torch.cuda.get_device_name(), generations=args.generations,
+                  prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens, beta=args.beta,
+                  runs=runs)
+    print(f"{'sampler':>12} {'prompts/s':>10} {'step s':>8} {'sampling s':>11} {'update s':>9} {'answer len':>11} "
+          f"{'peak GiB':>9}")
+    for run in runs:
+        print(f"{run['sampler']:>12} {run['prompts_per_second']:>10} {run['step_seconds']:>8} "
+              f"{run['sampling_seconds']:>11} {run['update_and_scoring_seconds']:>9} {run['answer_length']:>11} "
+              f"{run['peak_gib']:>9}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def drop_reference(model) -> None:
+    """Remove the frozen copy of the starting adapter that TRL added as the KL reference, so that the
+    next trainer on this model can add its own."""
+    if "ref" in model.peft_config:
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+
+
+def timed_run(trainer, args, sampler: str) -> dict:
+    """Train for --steps optimizer steps; the mean step (after the first) and its sampling, peak memory."""
+    import torch
+
     clock = StepClock(trainer)
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
@@ -92,20 +130,13 @@ def main(argv=None):
     steps = [sum(clock.steps[i:i + per_step]) for i in range(0, len(clock.steps), per_step)][1:]
     sampling = clock.sampling[1:]
     step_s, sampling_s = sum(steps) / len(steps), sum(sampling) / len(sampling)
-    result = dict(device=torch.cuda.get_device_name(), generations=args.generations,
-                  prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens, beta=args.beta,
-                  answers_per_forward=trainer.args.per_device_train_batch_size, timed_steps=len(steps),
-                  step_seconds=round(step_s, 2), prompts_per_second=round(args.prompts_per_step / step_s, 3),
-                  sampling_seconds=round(sampling_s, 2), update_and_scoring_seconds=round(step_s - sampling_s, 2),
-                  sampling_share=round(sampling_s / step_s, 3),
-                  peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
-    print(f"{'prompts/s':>10} {'step s':>8} {'sampling s':>11} {'update s':>9} {'peak GiB':>9}")
-    print(f"{result['prompts_per_second']:>10} {result['step_seconds']:>8} {result['sampling_seconds']:>11} "
-          f"{result['update_and_scoring_seconds']:>9} {result['peak_gib']:>9}")
-    text = json.dumps(result, indent=1)
-    for path in filter(None, [args.json, os.environ.get("OUT") and Path(os.environ["OUT"], "rl_gpu.json")]):
-        Path(path).write_text(text)
-    return result
+    lengths = [log["completions/mean_length"] for log in trainer.state.log_history if "completions/mean_length" in log]
+    return dict(sampler=sampler, answers_per_forward=trainer.args.per_device_train_batch_size, timed_steps=len(steps),
+                step_seconds=round(step_s, 2), prompts_per_second=round(args.prompts_per_step / step_s, 3),
+                sampling_seconds=round(sampling_s, 2), update_and_scoring_seconds=round(step_s - sampling_s, 2),
+                sampling_share=round(sampling_s / step_s, 3),
+                answer_length=round(sum(lengths) / len(lengths), 1) if lengths else None,
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Reproduces bench/README.md's results table on one GPU: the seed recipe, TRL's SFTTrainer and pigg's
-# default (LoRA and full fine-tuning), then evaluation at batch 1 (the seed's loop), 32 and 128. The model
+# default (LoRA and full fine-tuning), then evaluation at batch 1 (the seed's loop), 32 and 128, then GRPO
+# (`pigg rl`, pigg's sampler and TRL's generate() side by side). The model
 # is Qwen3-VL-8B's architecture with random weights, built from its config on the GPU; the data synthetic
-# 1080x2400 screenshots. About 25 minutes on an H200, a few minutes a step.
+# 1080x2400 screenshots. About 30 minutes on an H200, a few minutes a step.
 #
 #   bash bench/run_1gpu.sh              # everything
 #   bash bench/run_1gpu.sh seed_lora eval   # only these steps (names below), e.g. to split a session
 #
-# Writes train_throughput_VARIANT_CARD.json and eval_gpu_CARD.json into $OUT when set, else bench/results/,
+# Writes train_throughput_VARIANT_CARD.json, eval_gpu_CARD.json and rl_gpu_CARD.json into $OUT when set, else bench/results/,
 # then prints the table from what that folder holds for this card.
 #
 # Packages: pigg's own (pip install -e '.[fast]' gives liger-kernel, which pigg's default uses where installed),
@@ -21,7 +22,7 @@
 set -u
 cd "$(dirname "$0")/.."
 TRAINING="seed_lora trl_sft_best trl_sft_whole_gpu pigg_default_lora_80gb seed_full pigg_default_full"
-steps=${*:-$TRAINING eval}
+steps=${*:-$TRAINING eval rl}
 results=${OUT:-bench/results}
 mkdir -p "$results"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -41,6 +42,8 @@ for step in $steps; do
   tmp=$(mktemp -d)
   if [ "$step" = eval ]; then
     OUT=$results TMPDIR=$tmp python3 bench/eval_gpu.py 32 128 --parts seed,pigg --json "eval_gpu_$card.json"
+  elif [ "$step" = rl ]; then
+    OUT=$results TMPDIR=$tmp python3 bench/rl_gpu.py --steps 3 --json "rl_gpu_$card.json"
   else
     OUT=$results TMPDIR=$tmp python3 bench/train_throughput.py "$step" --json "train_throughput_${step}_$card.json"
   fi
@@ -48,6 +51,9 @@ for step in $steps; do
 done
 
 shopt -s nullglob
-files=("$results"/train_throughput_*_"$card".json "$results"/eval_gpu_"$card".json)
+files=("$results"/train_throughput_*_"$card".json)
+for name in eval_gpu rl_gpu; do
+  if [ -f "$results/${name}_$card.json" ]; then files+=("$results/${name}_$card.json"); fi
+done
 echo
 if [ ${#files[@]} -gt 0 ]; then python3 bench/results_table.py "${files[@]}"; fi

@@ -177,10 +177,12 @@ def test_run_1gpu_sh_is_valid_bash_and_calls_scripts_and_variants_that_exist(tra
     assert training == [["bench/train_throughput.py", v, "--json", f"train_throughput_{v}_h200.json"] for v in variants]
     evaluation = [c["args"] for c in calls if c["args"][0] == "bench/eval_gpu.py"]
     assert evaluation == [["bench/eval_gpu.py", "32", "128", "--parts", "seed,pigg", "--json", "eval_gpu_h200.json"]]
+    rl = [c["args"] for c in calls if c["args"][0] == "bench/rl_gpu.py"]
+    assert rl == [["bench/rl_gpu.py", "--steps", "3", "--json", "rl_gpu_h200.json"]]
     table = calls[-1]["args"]
     assert table[0] == "bench/results_table.py"
     assert sorted(table[1:]) == sorted([f"{out}/train_throughput_{v}_h200.json" for v in variants]
-                                       + [f"{out}/eval_gpu_h200.json"])
+                                       + [f"{out}/eval_gpu_h200.json", f"{out}/rl_gpu_h200.json"])
     assert all(c["out"] == out for c in calls)
     for c in calls:
         assert (BENCH.parent / c["args"][0]).is_file(), c["args"][0]
@@ -194,6 +196,11 @@ def test_run_1gpu_sh_is_valid_bash_and_calls_scripts_and_variants_that_exist(tra
     finally:
         sys.modules.pop("eval_gpu", None)
     assert (args.batch_sizes, args.json) == ([32, 128], "eval_gpu_h200.json")
+    rl_gpu = importlib.import_module("rl_gpu")
+    try:
+        assert rl_gpu.parse_args(rl[0][1:]).json == "rl_gpu_h200.json"
+    finally:
+        sys.modules.pop("rl_gpu", None)
 
 
 def test_run_1gpu_sh_runs_the_steps_named_and_installs_wheels_when_present(tmp_path):
@@ -228,8 +235,13 @@ def test_results_table_reads_the_files_in_the_readme_order(tmp_path, monkeypatch
         "device": "NVIDIA H200", "new_tokens": 40, "pigg_bs128": answers(7.7, 10.68, 55.0),
         "pigg_bs32": answers(7.0, 7.44, 20.0), "current_bs128": answers(6.0, 9.0, 56.0),
         "seed_bs1": answers(0.4, 0.53, 17.1), "agreement_current_fast": dict(samples=384), "levers": {}}))
+    run = dict(answers_per_forward=8, timed_steps=2, prompts_per_second=0.52, step_seconds=7.7, sampling_seconds=5.1,
+               update_and_scoring_seconds=2.6, sampling_share=0.66, answer_length=64.0, peak_gib=70.3)
+    (tmp_path / "rl.json").write_text(json.dumps({
+        "device": "NVIDIA H200", "generations": 8, "prompts_per_step": 4, "max_new_tokens": 64, "beta": 0.04,
+        "runs": [dict(run, sampler="pigg"), dict(run, sampler="transformers", prompts_per_second=0.25)]}))
     try:
-        results_table.main([str(tmp_path / name) for name in ("a.json", "b.json", "eval.json")])
+        results_table.main([str(tmp_path / name) for name in ("a.json", "b.json", "eval.json", "rl.json")])
     finally:
         sys.modules.pop("results_table", None)
     assert capsys.readouterr().out.splitlines() == [
@@ -245,7 +257,12 @@ def test_results_table_reads_the_files_in_the_readme_order(tmp_path, monkeypatch
         "| 1 (the seed's loop) | 0.40 | 0.53 | 17.1 |",
         "| 128 (transformers' generate()) | 6.00 | 9.00 | 56.0 |",
         "| 32 | 7.00 | 7.44 | 20.0 |",
-        "| 128 | 7.70 | 10.68 | 55.0 |"]
+        "| 128 | 7.70 | 10.68 | 55.0 |",
+        "",
+        "| GRPO sampler | G x prompts, tokens | prompts/s | step s | sampling s | update s | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+        "| pigg's generator | 8x4, 64 | 0.52 | 7.7 | 5.1 | 2.6 | 70.3 |",
+        "| TRL's generate() | 8x4, 64 | 0.25 | 7.7 | 5.1 | 2.6 | 70.3 |"]
 
 
 def test_input_pipeline_times_the_training_collator(train_throughput, tiny_dir, tmp_path, monkeypatch):

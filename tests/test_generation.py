@@ -5,7 +5,7 @@ import torch
 from pigg import config as C
 from pigg.data.samples import load_samples
 from pigg.evaluate import PromptCollator, generate_batch, prompt_and_truth
-from pigg.generation import Generator, generate_answers, right_padded
+from pigg.generation import Generator, Sampling, draw, generate_answers, right_padded, sampling_cuts, shared_prompts
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,115 @@ def test_liger_prefill_equals_transformers_and_is_undone_on_gpu(setup, processor
         assert not any("forward" in m.__dict__ for m in model.model.language_model.modules())
     finally:
         model.to("cpu")
+
+
+def test_sampling_cuts_are_transformers_warpers():
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_p, top_k in ((0.7, 0.9, 0), (1.0, 0.5, 20), (1.3, 1.0, 7), (1.0, 0.95, 0)):
+        warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k else []) + \
+            ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        expected = LogitsProcessorList(warpers)(None, logits.clone())
+        got = sampling_cuts(logits.clone(), Sampling(temperature, top_p, top_k))
+        assert torch.equal(got.isinf(), expected.isinf())
+        assert torch.allclose(got[~got.isinf()], expected[~expected.isinf()])
+        assert (~got.isinf()).sum() < got.numel() or (top_p, top_k) == (1.0, 0)
+
+
+def test_draws_follow_the_softmax():
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, float("-inf")])
+    torch.manual_seed(0)
+    counts = torch.bincount(draw(logits.expand(100_000, 5).clone()), minlength=5) / 100_000
+    assert counts[4] == 0
+    assert torch.allclose(counts, logits.softmax(-1), atol=0.005)
+
+
+def test_sampling_settings_are_checked():
+    for bad in (dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)):
+        with pytest.raises(ValueError, match="generation:"):
+            Sampling(**bad)
+
+
+def test_sampled_answers_keep_to_the_likeliest_token_when_top_p_leaves_one(setup, processor):
+    model, items = setup
+    batch = left_padded_batch(processor, items[:4])
+    generator = Generator(model, processor, 10, sampling=Sampling(temperature=1.0, top_p=1e-6))
+    assert generator(batch) == generate_batch(model, processor, batch, 10)
+
+
+def test_banned_tokens_are_never_sampled(setup, processor):
+    model, items = setup
+    batch = left_padded_batch(processor, items[:4])
+    greedy = Generator(model, processor, 6).answer_ids(batch)
+    first = greedy[0][0]
+    torch.manual_seed(0)
+    banned = Generator(model, processor, 6, sampling=Sampling(top_p=1e-6, banned=(first,))).answer_ids(batch)
+    assert first not in {t for row in banned for t in row}
+
+
+def test_repeated_prompts_are_prefilled_once_and_answered_as_alone(setup, processor):
+    model, items = setup
+    group = [items[0]] * 3 + [items[1]] * 2 + [items[0]]
+    batch = left_padded_batch(processor, group)
+    distinct, source = shared_prompts(right_padded(batch)[0], model.config.vision_start_token_id)
+    assert source.tolist() == [0, 0, 0, 1, 1, 2] and len(distinct["input_ids"]) == 3
+    assert len(distinct["image_grid_thw"]) == 3
+    assert distinct["pixel_values"].shape[0] == distinct["image_grid_thw"].prod(-1).sum()
+    assert Generator(model, processor, 10)(batch) == generate_batch(model, processor, batch, 10)
+
+
+def test_rows_with_the_same_text_and_other_images_are_not_shared(setup, processor):
+    model, items = setup
+    batch, _ = PromptCollator(processor)([items[0]] * 2)
+    half = batch["pixel_values"].shape[0] // 2
+    batch["pixel_values"] = batch["pixel_values"].clone()
+    batch["pixel_values"][half:] += 1  # the second row's image
+    distinct, source = shared_prompts(batch, model.config.vision_start_token_id)
+    assert source is None and distinct is batch
+
+
+def sampled(generator, batch, seed):
+    torch.manual_seed(seed)
+    return generator.answer_ids(batch)
+
+
+def test_same_seed_same_samples_other_seed_other_samples(setup, processor):
+    model, items = setup
+    batch = left_padded_batch(processor, [items[0]] * 4 + [items[1]] * 4)
+    generator = Generator(model, processor, 10, sampling=Sampling(temperature=1.0))
+    first = sampled(generator, batch, 0)
+    assert sampled(generator, batch, 0) == first
+    assert sampled(generator, batch, 1) != first
+    assert len({tuple(a) for a in first}) > 2  # a group's copies are drawn apart
+
+
+@pytest.mark.gpu
+def test_graph_samples_draw_new_noise_at_every_replay_on_gpu(setup, processor):
+    model, items = setup
+    model = model.to("cuda")
+    batch = left_padded_batch(processor, [items[0]] * 4 + [items[1]] * 4)
+    try:
+        greedy = Generator(model, processor, 12)(batch)
+        assert Generator(model, processor, 12, sampling=Sampling(top_p=1e-6))(batch) == greedy
+        graphed = Generator(model, processor, 12, sampling=Sampling(temperature=1.0))
+        assert graphed.graphs
+        first = sampled(graphed, batch, 0)
+        assert sampled(graphed, batch, 0) == first and sampled(graphed, batch, 1) != first
+        assert len({tuple(a[1:]) for a in first}) > 2
+    finally:
+        model.to("cpu")
+
+
+@pytest.mark.gpu
+def test_a_captured_draw_draws_anew_at_each_replay_on_gpu():
+    logits = torch.zeros(1000, 1000, device="cuda")
+    draw(logits)  # kernels loaded before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = draw(logits)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert (out != first).float().mean() > 0.9  # equal only by chance (1 in 1000 a row)

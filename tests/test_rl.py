@@ -146,17 +146,44 @@ def test_train_vision_is_refused(tiny_dir, synth_root, tmp_path):
         rl(cfg)
 
 
-def test_bench_arguments(monkeypatch):
+@pytest.fixture
+def rl_gpu(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
-    try:
-        import rl_gpu
+    import rl_gpu
 
-        args = rl_gpu.parse_args(["--steps", "3", "--generations", "4", "--beta", "0", "--json", "x.json"])
-        assert (args.steps, args.generations, args.prompts_per_step, args.beta, args.json) == (3, 4, 4, 0.0, "x.json")
+    yield rl_gpu
+    sys.modules.pop("rl_gpu", None)
+
+
+def test_bench_arguments(rl_gpu):
+    args = rl_gpu.parse_args(["--steps", "3", "--generations", "4", "--beta", "0", "--json", "x.json"])
+    assert (args.steps, args.generations, args.prompts_per_step, args.beta, args.json) == (3, 4, 4, 0.0, "x.json")
+    assert args.samplers == ["pigg", "transformers"]
+    for bad in (["--steps", "1"], ["--samplers", "vllm"]):
         with pytest.raises(SystemExit):
-            rl_gpu.parse_args(["--steps", "1"])
-    finally:
-        sys.modules.pop("rl_gpu", None)
+            rl_gpu.parse_args(bad)
+
+
+@pytest.mark.slow
+def test_bench_times_each_sampler_on_the_tiny_model(rl_gpu, tiny_dir, synth_root, tmp_path, monkeypatch):
+    """The bench's timing of a run, on the CPU (memory figures stubbed: there is no GPU to ask)."""
+    from pigg.data.processor import load_processor
+    from pigg.data.samples import load_samples
+    from pigg.rl import find_start, grpo_trainer, left_padded, load_start
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    cfg = rl_config(tiny_dir, synth_root, tmp_path, max_steps=2, save_steps=100)
+    samples, _ = load_samples(cfg.data, scored=True)
+    processor = left_padded(load_processor(str(tiny_dir), cfg.model.min_pixels, cfg.model.max_pixels))
+    model = load_start(cfg, find_start(None, str(tiny_dir)))
+    args = rl_gpu.parse_args(["--steps", "2", "--prompts-per-step", "1"])
+    for sampler in args.samplers:
+        cfg.rl.sampler = sampler
+        run = rl_gpu.timed_run(grpo_trainer(model, processor, samples, cfg, tmp_path / sampler), args, sampler)
+        rl_gpu.drop_reference(model)
+        assert run["sampler"] == sampler and run["timed_steps"] == 1 and 0 < run["sampling_share"] < 1
+        assert 0 < run["answer_length"] <= cfg.rl.max_new_tokens
 
 
 def test_prompts_are_tokenized_left_padded_as_trl_pads_them(tiny_dir):
@@ -282,3 +309,41 @@ def test_a_global_lora_output_trains_on_as_one_adapter_on_the_base(tiny_dir, syn
     first = next(h for h in trainer.state.log_history if "kl" in h)
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the starting adapter, not the base
     assert first["grad_norm"] > 0
+
+
+@pytest.mark.slow
+def test_pigg_sampler_gives_trl_generates_answers_when_only_the_likeliest_token_is_left(tiny_dir, synth_root, tmp_path):
+    """With top_p so small that one token is left at each step, both samplers answer greedily: pigg's
+    generator (each prompt prefilled once for its group) must return the ids TRL's generate() path
+    returns, each answer up to and including its end token."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    from pigg.data.processor import load_processor
+    from pigg.data.samples import load_samples
+    from pigg.rl import find_start, grpo_trainer, left_padded, load_start, prompt_dataset
+
+    cfg = rl_config(tiny_dir, synth_root, tmp_path)
+    cfg.rl.top_p, cfg.rl.max_new_tokens = 1e-6, 12
+    samples, _ = load_samples(cfg.data, scored=True)
+    rows = prompt_dataset(samples[:2])
+    prompts = [prepare_multimodal_messages(row["prompt"], [row["image"]]) for row in rows for _ in range(3)]
+    processor = left_padded(load_processor(str(tiny_dir), cfg.model.min_pixels, cfg.model.max_pixels))
+    answers = {}
+    for sampler in ("pigg", "transformers"):
+        cfg.rl.sampler = sampler
+        torch.manual_seed(0)
+        model = load_start(cfg, find_start(None, str(tiny_dir)))
+        trainer = grpo_trainer(model, processor, samples, cfg, tmp_path / sampler)
+        assert trainer.pigg_samples() == (sampler == "pigg")
+        prompt_ids, images, fields = trainer._tokenize_prompts(prompts)
+        answers[sampler], _ = trainer._generate_single_turn(prompt_ids, images, fields, 3)
+    assert answers["pigg"] == answers["transformers"]
+    assert len({tuple(a) for a in answers["pigg"]}) == 2  # the two prompts, three times each
+    assert all(0 < len(a) <= 12 for a in answers["pigg"])
+
+
+def test_sampler_setting_is_checked():
+    cfg = C.RunConfig()
+    cfg.rl.sampler = "vllm"
+    with pytest.raises(C.ConfigError, match="rl.sampler must be pigg or transformers"):
+        C.validate(cfg)

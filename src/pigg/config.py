@@ -182,6 +182,8 @@ class RLSettings:
     format_weight: float = opt(0.5, "Weight of the format reward (closed referring block, grounding block with a point).")
     beta: float = opt(0.04, "Weight of the KL penalty to the starting model (0: none, and no reference pass).")
     epsilon: float = opt(0.2, "Clip range of the policy ratio.")
+    sampler: str = opt("pigg", "What samples the answers: pigg (pigg's generator: each prompt prefilled once for its "
+                               "group, a static cache, CUDA graphs) or transformers (TRL's generate()).")
 
 
 @dataclass
@@ -323,6 +325,8 @@ def rl_problems(r: RLSettings) -> list[str]:
                  f"{r.prompts_per_step}, {r.max_new_tokens})")
     if r.click_reward not in ("hit", "distance"):
         p.append(f"rl.click_reward must be hit or distance, got {r.click_reward!r}")
+    if r.sampler not in ("pigg", "transformers"):
+        p.append(f"rl.sampler must be pigg or transformers, got {r.sampler!r}")
     if r.temperature <= 0 or not 0 < r.top_p <= 1 or r.beta < 0 or r.epsilon <= 0:
         p.append(f"rl: need temperature > 0, 0 < top_p <= 1, beta >= 0, epsilon > 0 (got {r.temperature}, "
                  f"{r.top_p}, {r.beta}, {r.epsilon})")

@@ -25,10 +25,18 @@ The answers are transformers' greedy answers (`tests/test_generation.py` compare
 on the tiny model): the same stop tokens (<|im_end|> and the pad token) and the same ban on them before
 `min_new_tokens`. Any padding side is accepted; left-padded rows are moved to the right.
 
+Sampled answers (`Generator(..., sampling=Sampling(temperature, top_p, top_k))`, what `pigg rl` draws its
+groups with) follow transformers' `generate(do_sample=True)`: the banned tokens, then the temperature,
+top-k and top-p cuts in its order, then one draw from what is left (as an argmax of the probabilities over
+exponential noise, which a CUDA graph can hold). Rows equal to the row before them, GRPO's G copies of a
+prompt, are prefilled once and their keys and values copied (`shared_prompts`).
+
 `Generator(model, processor, max_new_tokens)` keeps its cache and graph between batches (evaluation
 makes one per run); `generate_answers(model, processor, batch, max_new_tokens)` answers one batch.
 """
 import contextlib
+import dataclasses
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +57,48 @@ def generate_answers(model, processor, batch: dict, max_new_tokens: int, min_new
     """Greedy answers to one batch of the processor's output (any padding side), decoded without
     special tokens."""
     return Generator(model, processor, max_new_tokens, min_new_tokens)(batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Sampling instead of greedy choice: the logits of the `banned` tokens set to -inf, divided by the
+    temperature, cut to the top_k most likely tokens (0: no cut) and to the smallest set holding top_p of
+    the probability, as transformers' SuppressTokens, Temperature, TopK and TopP processors do."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    banned: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"generation: the sampling temperature must be above 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generation: top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"generation: top_k must be 0 (no cut) or more, got {self.top_k}")
+
+
+def sampling_cuts(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The logits (rows x vocabulary, float32) after the temperature and the top-k and top-p cuts (cut
+    tokens at -inf). Graph-safe: no host-device copies, fixed shapes."""
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        ascending, order = logits.sort(dim=-1)
+        cut = ascending.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+        cut[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(cut.scatter(1, order, cut), float("-inf"))
+    return logits
+
+
+def draw(logits: torch.Tensor) -> torch.Tensor:
+    """One token a row, drawn with probability softmax(logits): the argmax of the probabilities over
+    exponential noise (the exponential race), a fixed-shape draw that a CUDA graph captures."""
+    probs = logits.softmax(-1)
+    noise = torch.empty_like(probs).exponential_().clamp_min_(1e-20)
+    return (probs / noise).argmax(-1)
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -79,18 +129,65 @@ def right_padded(batch: dict) -> tuple[dict, torch.Tensor]:
     return moved, lengths
 
 
+def shared_prompts(batch: dict, vision_start: int) -> tuple[dict, torch.Tensor | None]:
+    """Rows equal to the row before them (the same tokens and the same images), such as GRPO's G copies
+    of each prompt, need one prefill between them. Returns the batch of the other rows (right-padded, as
+    given) and, for every row of `batch`, the row of that batch that stands for it; (batch, None) when
+    every row stands for itself. Videos are not compared: a batch with any is returned whole."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = len(ids)
+    repeats = [i > 0 and torch.equal(ids[i], ids[i - 1]) and torch.equal(mask[i], mask[i - 1]) for i in range(rows)]
+    if not any(repeats) or any(k.startswith("video") for k in batch):
+        return batch, None
+    images = (ids == vision_start).sum(1).tolist()  # each image opens with <|vision_start|>
+    grids = batch.get("image_grid_thw")
+    if sum(images) != (0 if grids is None else len(grids)):
+        return batch, None
+    first_image = [0]
+    for count in images:
+        first_image.append(first_image[-1] + count)
+    patch_end = [0] + (grids.prod(-1).cumsum(0).tolist() if grids is not None else [])
+
+    def pixels(row):
+        return batch["pixel_values"][patch_end[first_image[row]]:patch_end[first_image[row + 1]]]
+
+    def grid(row):
+        return grids[first_image[row]:first_image[row + 1]]
+
+    for i in range(1, rows):
+        if repeats[i] and images[i]:
+            repeats[i] = torch.equal(grid(i), grid(i - 1)) and torch.equal(pixels(i), pixels(i - 1))
+    if not any(repeats):
+        return batch, None
+    kept = [i for i in range(rows) if not repeats[i]]
+    source = torch.tensor(list(itertools.accumulate(not r for r in repeats))) - 1
+    distinct = {k: v[kept] for k, v in batch.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "position_ids" in batch:
+        distinct["position_ids"] = batch["position_ids"][:, kept]
+    if grids is not None:
+        distinct["image_grid_thw"] = torch.cat([grid(i) for i in kept])
+        distinct["pixel_values"] = torch.cat([pixels(i) for i in kept])
+    unknown = set(batch) - set(distinct) - {"pixel_values", "image_grid_thw"}
+    if unknown:
+        raise ValueError(f"generation: cannot share the prefill of rows with inputs {sorted(unknown)}")
+    return distinct, source
+
+
 class Generator:
-    """Greedy decoding with a static cache; on a GPU the decoding step is a CUDA graph, captured for
-    each (rows, prompt slots) and kept for the next batch of that shape."""
+    """Greedy (or, with `sampling`, sampled) decoding with a static cache; on a GPU the decoding step is a
+    CUDA graph, captured for each (rows, prompt slots) and kept for the next batch of that shape. `stop`
+    replaces the tokens that end an answer (default: `stop_ids`)."""
 
     def __init__(self, model, processor, max_new_tokens: int, min_new_tokens: int = 0, graphs: bool | None = None,
-                 liger: bool = False):
+                 liger: bool = False, sampling: Sampling | None = None, stop: list[int] | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"generation: max_new_tokens must be at least 1, got {max_new_tokens}")
         self.core = unwrapped(model)
         self.tokenizer = processor.tokenizer
         self.max_new, self.min_new = max_new_tokens, min_new_tokens
-        self.stop = stop_ids(self.tokenizer)
+        self.stop = list(stop) if stop is not None else stop_ids(self.tokenizer)
+        self.sampling = sampling
+        self.vision_start = self.core.config.vision_start_token_id
         self.device = self.core.lm_head.weight.device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.state = None  # the static buffers (and graph) of the last batch shape
@@ -106,15 +203,26 @@ class Generator:
         """Free the cache and the graph (they are rebuilt by the next call)."""
         self.state = None
 
-    @torch.inference_mode()
     def __call__(self, batch: dict) -> list[str]:
+        """The answers' texts, without the stop token and special tokens."""
+        return self.texts(self.tokens(batch))
+
+    def answer_ids(self, batch: dict) -> list[list[int]]:
+        """Each answer's token ids up to and including its first stop token (all of them if none)."""
+        return self.cut(self.tokens(batch), keep_stop=True)
+
+    @torch.inference_mode()
+    def tokens(self, batch: dict) -> torch.Tensor:
+        """Answer tokens (rows x max_new_tokens); after a row's stop token the rest of its row is unused."""
         batch, lengths = right_padded(batch)
-        logits, cache, deltas = self.prefill(batch, lengths)
+        distinct, source = shared_prompts(batch, self.vision_start)
+        logits, cache, deltas = self.prefill(distinct, distinct["attention_mask"].sum(1))
+        if source is not None:
+            logits, deltas = logits[source.to(self.device)], deltas[source.to(self.device)]
         state = self.state_for(len(lengths), batch["input_ids"].shape[1])
-        state.load(cache, lengths.to(self.device), deltas, logits)
+        state.load(cache, lengths.to(self.device), deltas, logits, source)
         del cache
-        tokens = self.decode(state)
-        return self.texts(tokens)
+        return self.decode(state)
 
     def prefill(self, batch: dict, lengths: torch.Tensor):
         """The first answer token's logits (float32), the prompt's keys and values, and each row's
@@ -146,13 +254,13 @@ class Generator:
         slots = -(-width // PROMPT_SLOTS) * PROMPT_SLOTS
         if self.state is None or (self.state.rows, self.state.prompt_slots) != (rows, slots):
             self.state = None  # free the old buffers before taking new ones
-            self.state = DecodeState(self.core, rows, slots, self.max_new, self.min_new, self.stop, self.device)
+            self.state = DecodeState(self.core, rows, slots, self.max_new, self.min_new, self.stop, self.device,
+                                     self.sampling)
             if self.graphs:
                 self.state.capture()
         return self.state
 
     def decode(self, state: "DecodeState") -> torch.Tensor:
-        """Tokens (rows x max_new_tokens); after a row's stop token the rest of its row is unused."""
         for step in range(1, self.max_new):
             if self.graphs:
                 state.replay()
@@ -163,11 +271,15 @@ class Generator:
         return state.tokens.cpu()
 
     def texts(self, tokens: torch.Tensor) -> list[str]:
-        answers = []
+        return self.tokenizer.batch_decode(self.cut(tokens, keep_stop=False), skip_special_tokens=True)
+
+    def cut(self, tokens: torch.Tensor, keep_stop: bool) -> list[list[int]]:
+        """Each row up to its first stop token (with it if keep_stop); the whole row if it has none."""
+        rows = []
         for row in tokens.tolist():
             ends = [i for i, t in enumerate(row) if t in self.stop]
-            answers.append(row[:ends[0]] if ends else row)
-        return self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+            rows.append(row[:ends[0] + keep_stop] if ends else row)
+        return rows
 
 
 class DecodeState:
@@ -176,7 +288,8 @@ class DecodeState:
     Slots 0..prompt_slots-1 hold each row's prompt (a row of length n uses 0..n-1; the rest are
     masked); slot prompt_slots + j holds the key and value of answer token j."""
 
-    def __init__(self, core, rows: int, prompt_slots: int, max_new: int, min_new: int, stop: list[int], device):
+    def __init__(self, core, rows: int, prompt_slots: int, max_new: int, min_new: int, stop: list[int], device,
+                 sampling: Sampling | None = None):
         text = core.model.language_model
         cfg = text.config
         self.core, self.text = core, text
@@ -194,15 +307,20 @@ class DecodeState:
         self.first_position = torch.zeros(rows, dtype=torch.long, device=device)
         self.index = torch.zeros((), dtype=torch.long, device=device)  # answer token fed into the next step
         self.stop = torch.tensor(stop, device=device)
+        self.sampling = sampling
+        self.banned = torch.tensor(sampling.banned if sampling else [], dtype=torch.long, device=device)
         self.graph = None
 
-    def load(self, cache, lengths: torch.Tensor, deltas: torch.Tensor, logits: torch.Tensor) -> None:
-        """Take a prefill: its keys and values, the rows' valid slots and first answer token."""
+    def load(self, cache, lengths: torch.Tensor, deltas: torch.Tensor, logits: torch.Tensor,
+             source: torch.Tensor | None = None) -> None:
+        """Take a prefill: its keys and values, the rows' valid slots and first answer token. `source`:
+        for each row, the prefilled row that holds its prompt (None: the same row)."""
+        source = None if source is None else source.to(self.keys[0].device)
         for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
             done = cache.layers[layer]
             width = done.keys.shape[2]
-            keys[:, :, :width].copy_(done.keys)
-            values[:, :, :width].copy_(done.values)
+            for into, prefilled in ((keys, done.keys), (values, done.values)):
+                into[:, :, :width].copy_(prefilled if source is None else prefilled.index_select(0, source))
             done.keys = done.values = None  # free the prefill's copy as we go
         slots = torch.arange(self.valid.shape[1], device=lengths.device)
         self.valid.copy_(slots[None] < lengths[:, None])
@@ -214,10 +332,13 @@ class DecodeState:
         self.stopped |= self.stops(self.tokens[:, 0])
 
     def choose(self, logits: torch.Tensor, index) -> torch.Tensor:
-        """Greedy choice of answer token `index`, with the stop tokens banned before min_new_tokens."""
-        banned = torch.as_tensor(index, device=logits.device) < self.min_new
-        logits[:, self.stop] = logits[:, self.stop].masked_fill(banned, float("-inf"))
-        return logits.argmax(-1)
+        """Answer token `index`, greedy or sampled, with the stop tokens banned before min_new_tokens."""
+        early = torch.as_tensor(index, device=logits.device) < self.min_new
+        logits[:, self.stop] = logits[:, self.stop].masked_fill(early, float("-inf"))
+        if self.sampling is None:
+            return logits.argmax(-1)
+        logits[:, self.banned] = float("-inf")
+        return draw(sampling_cuts(logits, self.sampling))
 
     def stops(self, chosen: torch.Tensor) -> torch.Tensor:
         return (chosen[:, None] == self.stop).any(-1)

@@ -2,12 +2,13 @@
 model -> freeze -> adapt -> sample, reward, update -> save.
 
 Engine: TRL's GRPOTrainer (the stock Hugging Face Trainer underneath, as `pigg train`): for each prompt
-it samples G answers with transformers' generate(), scores them with pigg's rewards
-(`pigg.grounding.rewards`), normalises the rewards within each group into advantages and minimises
-the clipped policy loss plus beta x KL to the starting model. Checkpoints, `--resume`, schedules, DDP
-under `pigg.distributed`'s launcher and TensorBoard are the Trainer's. pigg supplies the data (its
-validated per-user samples), the rewards, the starting model and the adapters; TRL builds the prompts
-with the processor's chat template, the same one pigg's collators render with.
+it samples G answers (with pigg's generator, `pigg.grpo`; `rl.sampler: transformers` for TRL's
+generate()), scores them with pigg's rewards (`pigg.grounding.rewards`), normalises the rewards within
+each group into advantages and minimises the clipped policy loss plus beta x KL to the starting model.
+Checkpoints, `--resume`, schedules, DDP under `pigg.distributed`'s launcher and TensorBoard are the
+Trainer's. pigg supplies the data (its validated per-user samples), the rewards, the starting model, the
+adapters and the sampling; TRL builds the prompts with the processor's chat template, the same one
+pigg's collators render with.
 
 Where it starts (`rl.start`): the base model (a fresh LoRA), a global LoRA output (its adapter trains
 on: the output is again one adapter on the base, for `pigg eval --adapter`), a full global output or
@@ -260,18 +261,20 @@ def grpo_arguments(cfg: C.RunConfig, out: Path):
 
 
 def grpo_trainer(model, processor, samples, cfg: C.RunConfig, out: Path, callbacks=()):
-    from trl import GRPOTrainer
+    args = grpo_arguments(cfg, out)  # first: it says how to install TRL when it is missing
+    from pigg.grpo import GRPOTrainer
 
     tensorboard = [TensorBoardCallback(tb_writer=tensorboard_writer(out))] if is_main() else []
-    return GRPOTrainer(model=model, reward_funcs=reward_functions(cfg.rl.click_reward),
-                       args=grpo_arguments(cfg, out), train_dataset=prompt_dataset(samples),
-                       processing_class=processor, callbacks=[*tensorboard, *callbacks])
+    return GRPOTrainer(model=model, reward_funcs=reward_functions(cfg.rl.click_reward), args=args,
+                       train_dataset=prompt_dataset(samples), processing_class=processor,
+                       callbacks=[*tensorboard, *callbacks], sampler=cfg.rl.sampler)
 
 
 def demo_rl(cfg: C.RunConfig, global_folder: Path, test_users: str, steps: int = 20) -> Path:
     """`pigg demo --rl`: GRPO from the demo's global model on its training users, then the global and the
     GRPO model answer the same held-out users through `evaluate()`, compared in one report."""
     from pigg.evaluate import evaluate, format_metrics
+    from pigg.grounding.priors import attach, global_prior
     from pigg.grounding.report import write_report
 
     cfg = C.from_dict(RL_DEFAULTS, copy.deepcopy(cfg))  # the demo's model, data and logging settings
@@ -283,12 +286,14 @@ def demo_rl(cfg: C.RunConfig, global_folder: Path, test_users: str, steps: int =
     cfg.data.users = test_users
     samples, sizes = load_samples(cfg.data, scored=True)
     processor = load_processor(str(folder), cfg.model.min_pixels, cfg.model.max_pixels)
+    prior = global_prior(cfg, [str(global_folder)])  # fitted on the global model's training users
     runs = []
     for label, adapter in (("global", None), ("global+grpo", str(folder))):
         model = load_for_inference(dataclasses.replace(cfg.model, name_or_path=str(global_folder)), adapter, device())
         run = folder.parent / "rl_demo_eval" / label
-        metrics = evaluate(model, processor, samples, sizes, run, 16, 48, 1,
-                           meta={"label": label, "model": str(global_folder), "adapter": adapter})
+        evaluate(model, processor, samples, sizes, run, 16, 48, 1,
+                 meta={"label": label, "model": str(global_folder), "adapter": adapter})
+        metrics = attach(run, [prior])
         print(f"\ndemo: {label} on held-out users {test_users}\n{format_metrics(metrics)}")
         runs.append(run)
     report = write_report(runs, folder.parent / "rl_demo_eval" / "report.html")

@@ -43,10 +43,11 @@ class Preset:
     train_samples: int  # per training user
     epochs: float  # global fine-tuning
     personal_epochs: float
+    rl_steps: int  # GRPO steps of `--rl`
 
 
-FULL = Preset(test_samples=60, train_samples=200, epochs=3.0, personal_epochs=4.0)
-QUICK = Preset(test_samples=6, train_samples=4, epochs=1.0, personal_epochs=1.0)
+FULL = Preset(test_samples=60, train_samples=200, epochs=3.0, personal_epochs=4.0, rl_steps=20)
+QUICK = Preset(test_samples=6, train_samples=4, epochs=1.0, personal_epochs=1.0, rl_steps=2)
 
 
 def demo_config(out: Path, preset: Preset = FULL) -> C.RunConfig:
@@ -116,7 +117,7 @@ def run_demo(out="pigg_demo", quick: bool = False, rl: bool = False) -> Path:
     if rl:  # GRPO from the global model (pigg.rl), compared with it on the held-out users
         from pigg.rl import demo_rl
 
-        demo_rl(cfg, folder, DEMO_TEST_USERS)
+        demo_rl(cfg, folder, DEMO_TEST_USERS, preset.rl_steps)
     print(f"\ndemo finished in {time.time() - start:.0f}s ({cpu_seconds() - cpu_start:.0f} CPU seconds, "
           "its worker processes included)")
     print(f"  synthetic users:   {out / 'data'} (train {DEMO_TRAIN_USERS}, held out {DEMO_TEST_USERS}; "

@@ -79,7 +79,7 @@ def test_outputs_and_resume_after_interruption(setup, processor, tmp_path, monke
     assert straight["micro"]["n"] == len(samples)
     assert set(straight["users"]) == {"1", "2"}
     files = sorted(p.name for p in (tmp_path / "a" / "predictions").iterdir())
-    assert files == ["user_1.jsonl", "user_2.jsonl"]
+    assert files == ["answered_by.json", "user_1.jsonl", "user_2.jsonl"]
     record = json.loads((tmp_path / "a" / "predictions" / "user_1.jsonl").read_text().splitlines()[0])
     for key in ("user", "index", "image", "command", "raw", "pred_point", "gt_point", "distance", "hit", "parse_ok"):
         assert key in record
@@ -101,6 +101,32 @@ def test_outputs_and_resume_after_interruption(setup, processor, tmp_path, monke
     assert sum(calls) == len(samples) - 3
     assert resumed == straight
     assert sum(len(v) for v in read_done(interrupted).values()) == len(samples)
+
+
+def test_predictions_of_another_model_or_weights_are_not_continued(setup, processor, tmp_path):
+    import os
+
+    model, samples, sizes = setup
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"0" * 8)
+    meta = {"label": "global", "model": "base", "adapter": str(adapter)}
+    out = tmp_path / "run"
+    first = evaluate(model, processor, samples[:2], sizes, out, batch_size=2, max_new_tokens=4, workers=0, meta=meta)
+    # the same model and weights: the finished samples are kept, the rest answered
+    more = evaluate(model, processor, samples[:4], sizes, out, batch_size=2, max_new_tokens=4, workers=0,
+                    meta={**meta, "label": "renamed"})
+    assert more["micro"]["n"] == 4 and first["micro"]["n"] == 2
+    for changed, match in (({"adapter": str(tmp_path / "other")}, "adapter: "), ({}, "weight_files: "),
+                           ({"max_new": 5}, "max_new_tokens: ")):
+        if not changed:  # the adapter trained again in place: its file differs
+            (adapter / "adapter_model.safetensors").write_bytes(b"1" * 9)
+            os.utime(adapter / "adapter_model.safetensors", ns=(1, 1))
+        limit = changed.pop("max_new", 4)
+        with pytest.raises(ValueError, match=f"holds predictions of another model or settings(.|\n)*{match}"):
+            evaluate(model, processor, samples, sizes, out, batch_size=2, max_new_tokens=limit, workers=0,
+                     meta={**meta, **changed})
+    assert sum(len(v) for v in read_done(out / "predictions").values()) == 4  # nothing written was lost
 
 
 def test_eval_command_on_a_trained_adapter(tiny_dir, synth_root, tmp_path, monkeypatch):

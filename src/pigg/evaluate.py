@@ -201,6 +201,7 @@ def _evaluate(model, processor, samples, sizes, out_dir: Path, batch_size, max_n
     if is_main():  # repair and gather what an interrupted run left, before any rank reads or writes
         gather_shares(pred_dir)
         done = read_done(pred_dir)
+        same_answerer(pred_dir, answerer(meta, max_new_tokens, min_new_tokens), resuming=bool(done))
     barrier()
     if not is_main():
         done = read_done(pred_dir)
@@ -248,6 +249,37 @@ def _evaluate(model, processor, samples, sizes, out_dir: Path, batch_size, max_n
         write_json_atomic(out_dir / "metrics.json", metrics)
     barrier()  # metrics.json is written
     return metrics if is_main() else json.loads((out_dir / "metrics.json").read_text())
+
+
+ANSWERER = "answered_by.json"  # in predictions/: what wrote them, checked before a run continues them
+
+
+def answerer(meta: dict | None, max_new_tokens: int, min_new_tokens: int) -> dict:
+    """What answers in a run: its description (`meta` without the label and users), the weight files of
+    the model and adapter it names (size and modification time each) and the answers' token limits."""
+    described = {k: v for k, v in (meta or {}).items() if k not in ("label", "users")}
+    stamps = {}
+    for key in ("model", "adapter"):
+        folder = Path(str(described.get(key) or ""))
+        if described.get(key) and folder.is_dir():
+            stamps[key] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
+                           if f.suffix in (".safetensors", ".bin") or f.name in ("config.json", "adapter_config.json")}
+    now = {**described, "weight_files": stamps, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens}
+    return json.loads(json.dumps(now, default=str))  # as the file will read back
+
+
+def same_answerer(pred_dir: Path, now: dict, resuming: bool) -> None:
+    """Record what answers in `pred_dir`; when continuing predictions that another model, other weights
+    or other limits wrote, refuse rather than mix them."""
+    path = pred_dir / ANSWERER
+    if resuming and path.is_file():
+        before = json.loads(path.read_text())
+        if before != now:
+            changed = "\n".join(f"  {key}: {before.get(key)!r} -> {now.get(key)!r}"
+                                for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key))
+            raise ValueError(f"{pred_dir} holds predictions of another model or settings; remove it to start over "
+                             f"or choose another output folder:\n{changed}")
+    write_json_atomic(path, now)
 
 
 def prediction_record(prompt: Sample, truth: str, raw: str) -> dict:

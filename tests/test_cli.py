@@ -173,3 +173,28 @@ def test_seed_scripts_run_pigg(script, tmp_path):
 def test_personalize_refuses_a_benchmark(capsys):
     assert main(["personalize", "--base", "global_agent_lora", "--benchmark", "screenspot-v2"]) == 2
     assert "a public benchmark is for pigg eval --benchmark" in capsys.readouterr().err
+
+
+def test_every_help_example_parses_and_names_its_own_command():
+    import shlex
+
+    from pigg.cli import ABOUT, build_parser
+
+    parser = build_parser()
+    for name, (description, examples) in ABOUT.items():
+        assert description and examples, name
+        for line in examples:
+            argv = shlex.split(line)
+            assert argv[:2] == ["pigg", name], line
+            assert parser.parse_args(argv[1:]).func.__name__ == f"cmd_{name}"
+
+
+def test_top_level_help_says_what_pigg_is_and_shows_a_run(capsys):
+    from pigg.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "GUI grounding agent" in text and "pigg demo" in text
+    for command in ("pigg train", "pigg eval", "pigg personalize", "pigg export"):
+        assert command in text, command

@@ -284,18 +284,81 @@ def add_predict_flags(parser) -> None:
                            help=help_text(f.metadata["help"]), type=lambda text, k=f.type: _parse_value(k, text))
 
 
+DESCRIPTION = """\
+pigg fine-tunes Qwen3-VL-8B-Instruct into a GUI grounding agent: given a phone screenshot and a user's
+command, it names the element to tap and gives its point in relative 0-1000 coordinates. It trains one
+global model on many users' data, evaluates it on held-out users, personalizes it per user and exports it."""
+EPILOG = """\
+a run from start to end (users 11-83 train, 1-10 are held out):
+  pigg data validate --data-root /data/pigg --users 1-83
+  pigg train --data-root /data/pigg --users 11-83 --lora --output-dir /ckpt
+  pigg eval --data-root /data/pigg --users 1-10 --checkpoint /ckpt/global_agent_lora --out runs/global
+  pigg personalize --base /ckpt/global_agent_lora --data-root /data/pigg --users 1-10 --lora --output-dir /ckpt
+  pigg export --adapter /ckpt/global_agent_lora --out /models/pigg-8b
+
+Offline first: `pigg demo` trains, evaluates and personalizes a tiny model on synthetic users on the CPU
+(about 10 minutes).
+`pigg COMMAND --help` lists a command's options; README.md and docs/ in the repository explain them."""
+
+
+# Each main command's --help opens with what it does and writes, and ends with examples.
+ABOUT = {
+    "train": ("Global fine-tuning (LoRA or full) on the pooled samples of many users. Writes\n"
+              "OUTPUT_DIR/global_agent_lora/ (or global_agent_full/): the adapter (or the model), the processor,\n"
+              "pigg_config.yaml, provenance.json, checkpoints/ and TensorBoard events. More: docs/training.md.",
+              ["pigg train --data-root /data/pigg --users 11-83 --lora --output-dir /ckpt",
+               "pigg train --config configs/global_full_8b.yaml --data-root /data/pigg --gpus 0,1",
+               "pigg train --data-root /data/pigg --users 11-83 --lora --output-dir /ckpt --resume"]),
+    "rl": ("GRPO: for each prompt G sampled answers, rewarded for a point within 140 units of the truth and for\n"
+           "the answer's format, from the base, a global output or a personalized fold. Writes\n"
+           "OUTPUT_DIR/rl_agent_lora/. Needs TRL: pip install 'pigg[rl]'. More: docs/training.md.",
+           ["pigg rl --data-root /data/pigg --users 11-83 --rl.start /ckpt/global_agent_lora --output-dir /ckpt"]),
+    "eval": ("Greedy answers on held-out users' samples (or a public benchmark), scored for Click Acc@140, L2\n"
+             "distance, parse failures and the referring name, beside a prior baseline. Writes OUT/predictions/\n"
+             "and OUT/metrics.json; rerun the same command to continue. More: docs/evaluation.md.",
+             ["pigg eval --data-root /data/pigg --users 1-10 --out runs/vanilla",
+              "pigg eval --data-root /data/pigg --users 1-10 --checkpoint /ckpt/global_agent_lora --out runs/global",
+              "pigg eval --benchmark screenspot-v2 --benchmark-root /data/screenspot-v2 "
+              "--checkpoint /ckpt/global_agent_lora"]),
+    "personalize": ("For each held-out user, K folds: each starts from the global model, trains on the other folds\n"
+                    "and is scored on its own, beside the zero-shot and global models and the priors. Writes\n"
+                    "OUTPUT_DIR/personal_agent_lora/ (a model per user and fold, summaries, report.html).\n"
+                    "More: docs/personalization.md.",
+                    ["pigg personalize --base /ckpt/global_agent_lora --data-root /data/pigg --users 1-10 --lora "
+                     "--output-dir /ckpt"]),
+    "predict": ("Where a model would tap: the element's name and its point (0-1000 and pixels), for one screenshot\n"
+                "and command or a JSONL file of them; --draw marks the point on the screenshot.",
+                ["pigg predict --checkpoint /ckpt/global_agent_lora --image screen.png --command \"open the settings\" "
+                 "--draw screen_point.png"]),
+    "report": ("One self-contained HTML page comparing evaluation runs: tables, charts and each run's worst misses.",
+               ["pigg report runs/vanilla runs/global --out report.html"]),
+    "export": ("Merge LoRA adapters into the base model and write one Hugging Face model folder that stock\n"
+               "transformers or an inference server loads. More: docs/export.md.",
+               ["pigg export --adapter /ckpt/global_agent_lora --out /models/pigg-8b"]),
+}
+
+
+def command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help opens with ABOUT's description and ends with its examples."""
+    description, examples = ABOUT.get(name, (None, []))
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples) if examples else None
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pigg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pigg", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="global fine-tuning (LoRA or full) on pooled users",
+    p = command(sub, "train", "global fine-tuning (LoRA or full) on pooled users",
                        usage="pigg train --data-root DIR [--users 11-83] [--lora | --full] [--config FILE.yaml] "
                              "[options]")
     add_config_flags(p, ("model", "lora", "data", "train", "fast"))
     add_launch_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("rl", help="reinforcement fine-tuning (GRPO) with a click reward, from the base, a global "
+    p = command(sub, "rl", "reinforcement fine-tuning (GRPO) with a click reward, from the base, a global "
                                   "output or a personalized fold",
                        usage="pigg rl --data-root DIR [--users 11-83] [--rl.start GLOBAL_OR_FOLD] [--config FILE.yaml] "
                              "[options]")
@@ -303,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_flags(p)
     p.set_defaults(func=cmd_rl)
 
-    p = sub.add_parser("eval", help="evaluate a model (zero-shot, or with --adapter / --checkpoint) on held-out users "
+    p = command(sub, "eval", "evaluate a model (zero-shot, or with --adapter / --checkpoint) on held-out users "
                                     "or a public benchmark (--benchmark)",
                        usage="pigg eval --data-root DIR [--users 1-10] [--adapter DIR | --checkpoint DIR] [--out DIR] "
                              "[options]\n       pigg eval --benchmark screenspot-v2|screenspot-pro|screenspot "
@@ -312,27 +375,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_flags(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("personalize", help="per-user K-fold fine-tuning from a global output, evaluated against "
+    p = command(sub, "personalize", "per-user K-fold fine-tuning from a global output, evaluated against "
                                            "the zero-shot and global models",
                        usage="pigg personalize --base GLOBAL_OUTPUT --data-root DIR [--users 1-10] [--folds 3] "
                              "[options]")
     add_config_flags(p, ("model", "lora", "data", "train", "eval", "personalize", "fast"))
     p.set_defaults(func=cmd_personalize)
 
-    p = sub.add_parser("predict", help="ask a model where to click on screenshots: one (--image, --command) or many "
+    p = command(sub, "predict", "ask a model where to click on screenshots: one (--image, --command) or many "
                                        "(--input FILE.jsonl)",
                        usage="pigg predict (--image PATH --command TEXT | --input FILE.jsonl) [--adapter DIR | "
                              "--checkpoint DIR] [--json] [--draw OUT.png] [options]")
     add_predict_flags(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("report", help="one self-contained HTML page comparing evaluation runs")
+    p = command(sub, "report", "one self-contained HTML page comparing evaluation runs")
     p.add_argument("runs", nargs="+", help="evaluation folders (each with metrics.json and predictions/)")
     p.add_argument("--out", default=None, help="HTML file to write (default: report.html in the first run)")
     p.add_argument("--labels", default=None, help="comma-separated names for the runs (default: each run's label)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="merge LoRA adapters into the base and write a complete model folder")
+    p = command(sub, "export", "merge LoRA adapters into the base and write a complete model folder")
     p.add_argument("--model", default=None, help="base hub id or folder (default: the first adapter's base)")
     p.add_argument("--adapter", action="append", help="LoRA adapter folder; repeat to stack, merged in order")
     p.add_argument("--out", required=True, help="folder to write (built beside it, renamed into place)")
@@ -363,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny)
 
-    p = sub.add_parser("demo", help="offline demo: synthetic users, tiny model, global fine-tuning on CPU")
+    p = sub.add_parser("demo", help="offline demo on the CPU: synthetic users and a tiny model through global "
+                                    "fine-tuning, evaluation and personalization")
     p.add_argument("--out", default="pigg_demo", help="folder for the demo's data, model and outputs")
     p.add_argument("--quick", action="store_true", help="a few samples and steps: checks the pipeline, learns "
                                                         "nothing (tests)")

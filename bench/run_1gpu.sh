@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces bench/README.md's results table on one GPU: the seed recipe, TRL's SFTTrainer and pigg's
-# default (LoRA and full fine-tuning), then evaluation at batch 1 (the seed's loop), 32 and 128, then GRPO
-# (`pigg rl`, pigg's sampler and TRL's generate() side by side). The model
-# is Qwen3-VL-8B's architecture with random weights, built from its config on the GPU; the data synthetic
-# 1080x2400 screenshots. About 30 minutes on an H200, a few minutes a step.
+# default (LoRA and full fine-tuning), then evaluation (the seed's loop at batch 1, transformers' generate()
+# and pigg's decoding loop at batch 128), then GRPO (`pigg rl`, pigg's sampler and TRL's generate() side by
+# side). The model is Qwen3-VL-8B's architecture with random weights, built from its config on the GPU; the
+# data synthetic 1080x2400 screenshots. About 30 minutes on an H200, a few minutes a step.
 #
 #   bash bench/run_1gpu.sh              # everything
 #   bash bench/run_1gpu.sh seed_lora eval   # only these steps (names below), e.g. to split a session
@@ -41,7 +41,7 @@ for step in $steps; do
   # removed after it, so a run that fails leaves no full fine-tuning output (~65 GB) behind.
   tmp=$(mktemp -d)
   if [ "$step" = eval ]; then
-    OUT=$results TMPDIR=$tmp python3 bench/eval_gpu.py 32 128 --parts seed,pigg --json "eval_gpu_$card.json"
+    OUT=$results TMPDIR=$tmp python3 bench/eval_gpu.py 128 --seed-samples 4 --parts seed,current,pigg --json "eval_gpu_$card.json"
   elif [ "$step" = rl ]; then
     OUT=$results TMPDIR=$tmp python3 bench/rl_gpu.py --steps 3 --json "rl_gpu_$card.json"
   else

@@ -260,10 +260,11 @@ def answerer(meta: dict | None, max_new_tokens: int, min_new_tokens: int) -> dic
     described = {k: v for k, v in (meta or {}).items() if k not in ("label", "users")}
     stamps = {}
     for key in ("model", "adapter"):
-        folder = Path(str(described.get(key) or ""))
-        if described.get(key) and folder.is_dir():
-            stamps[key] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
-                           if f.suffix in (".safetensors", ".bin") or f.name in ("config.json", "adapter_config.json")}
+        folder = described.get(key)
+        if folder and Path(folder).is_dir():
+            files = [f for f in sorted(Path(folder).iterdir())
+                     if f.suffix in (".safetensors", ".bin") or f.name in ("config.json", "adapter_config.json")]
+            stamps[key] = {f.name: [(stat := f.stat()).st_size, stat.st_mtime_ns] for f in files}
     now = {**described, "weight_files": stamps, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens}
     return json.loads(json.dumps(now, default=str))  # as the file will read back
 

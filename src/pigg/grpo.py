@@ -11,9 +11,9 @@ including its end token. The cache and the graph are freed after each round of s
 update has the memory back.
 
 The hook is TRL's `_generate_single_turn`, a private method (hence `trl>=1.16,<2` in pyproject.toml;
-`tests/test_rl.py` compares both paths' answers). TRL's path is kept where pigg's cannot stand in: vLLM, continuous batching, tools, ZeRO-3 or FSDP (their
-weights are gathered for the generation only), and settings pigg's sampler lacks (min_p, a repetition
-penalty).
+`tests/test_rl.py` compares both paths' answers). TRL's path is kept where pigg's cannot stand in: vLLM,
+continuous batching, tools, ZeRO-3 or FSDP (their weights are gathered for the generation only), and
+settings pigg's sampler lacks (min_p, a repetition penalty).
 """
 import torch
 import trl

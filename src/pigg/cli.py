@@ -309,9 +309,10 @@ ABOUT = {
               ["pigg train --data-root /data/pigg --users 11-83 --lora --output-dir /ckpt",
                "pigg train --config configs/global_full_8b.yaml --data-root /data/pigg --gpus 0,1",
                "pigg train --data-root /data/pigg --users 11-83 --lora --output-dir /ckpt --resume"]),
-    "rl": ("GRPO: for each prompt G sampled answers, rewarded for a point within 140 units of the truth and for\n"
-           "the answer's format, from the base, a global output or a personalized fold. Writes\n"
-           "OUTPUT_DIR/rl_agent_lora/. Needs TRL: pip install 'pigg[rl]'. More: docs/training.md.",
+    "rl": ("Reinforcement fine-tuning (GRPO) from the base, a global output or a personalized fold: for each\n"
+           "prompt G answers are sampled and rewarded for a point within 140 units of the truth and for the\n"
+           "answer's format. Writes OUTPUT_DIR/rl_agent_lora/. Needs TRL: pip install 'pigg[rl]'.\n"
+           "More: docs/training.md.",
            ["pigg rl --data-root /data/pigg --users 11-83 --rl.start /ckpt/global_agent_lora --output-dir /ckpt"]),
     "eval": ("Greedy answers on held-out users' samples (or a public benchmark), scored for Click Acc@140, L2\n"
              "distance, parse failures and the referring name, beside a prior baseline. Writes OUT/predictions/\n"

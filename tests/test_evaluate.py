@@ -103,6 +103,20 @@ def test_outputs_and_resume_after_interruption(setup, processor, tmp_path, monke
     assert sum(len(v) for v in read_done(interrupted).values()) == len(samples)
 
 
+def test_fingerprints_read_large_files_in_blocks(tmp_path, monkeypatch):
+    from pigg import evaluate as E
+
+    monkeypatch.setattr(E, "WHOLE_FILE", 2**20)
+    path = tmp_path / "model.safetensors"
+    data = bytearray(5 * 2**20)
+    path.write_bytes(data)
+    before = E.fingerprint(path)
+    data[-1] = 1  # the last byte lies in the last block read
+    path.write_bytes(data)
+    assert E.fingerprint(path) != before and before.startswith(f"{5 * 2**20}:")
+    assert E.is_weights(path) and not E.is_weights(tmp_path / "training_args.bin")
+
+
 def test_predictions_of_another_model_or_weights_are_not_continued(setup, processor, tmp_path):
     import os
 
@@ -113,15 +127,16 @@ def test_predictions_of_another_model_or_weights_are_not_continued(setup, proces
     meta = {"label": "global", "model": "base", "adapter": str(adapter)}
     out = tmp_path / "run"
     first = evaluate(model, processor, samples[:2], sizes, out, batch_size=2, max_new_tokens=4, workers=0, meta=meta)
-    # the same model and weights: the finished samples are kept, the rest answered
+    # the same model and weights, saved again: the finished samples are kept, the rest answered
+    (adapter / "adapter_model.safetensors").write_bytes(b"0" * 8)
+    os.utime(adapter / "adapter_model.safetensors", ns=(1, 1))
     more = evaluate(model, processor, samples[:4], sizes, out, batch_size=2, max_new_tokens=4, workers=0,
                     meta={**meta, "label": "renamed"})
     assert more["micro"]["n"] == 4 and first["micro"]["n"] == 2
     for changed, match in (({"adapter": str(tmp_path / "other")}, "adapter: "), ({}, "weight_files: "),
                            ({"max_new": 5}, "max_new_tokens: ")):
         if not changed:  # the adapter trained again in place: its file differs
-            (adapter / "adapter_model.safetensors").write_bytes(b"1" * 9)
-            os.utime(adapter / "adapter_model.safetensors", ns=(1, 1))
+            (adapter / "adapter_model.safetensors").write_bytes(b"1" * 8)
         limit = changed.pop("max_new", 4)
         with pytest.raises(ValueError, match=f"holds predictions of another model or settings(.|\n)*{match}"):
             evaluate(model, processor, samples, sizes, out, batch_size=2, max_new_tokens=limit, workers=0,

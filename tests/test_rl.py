@@ -86,6 +86,11 @@ def test_run_writes_an_adapter_and_resumes_after_a_kill_to_the_same_weights(tiny
     for key in weights:
         torch.testing.assert_close(again[key], weights[key], rtol=0, atol=1e-6, msg=key)
 
+    # the finished run resumed once more: nothing is trained (the Trainer alone would take a third step)
+    finished, _ = rl(cfg)
+    assert sorted(p.name for p in (finished / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert all(torch.equal(adapter(finished)[key], again[key]) for key in again)
+
 
 def test_rewards_in_trl_form_and_their_logged_rates():
     truth = "```referring\nOK\n```\n```grounding\n[500, 500]\n```"

@@ -1,4 +1,5 @@
 """End-to-end global fine-tuning of the tiny model on CPU: weights, files, resume after kill -9."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -135,6 +136,22 @@ def test_resume_after_kill_gives_the_same_weights(tiny_dir, synth_root, tmp_path
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_a_finished_run_resumed_trains_no_further(tiny_dir, synth_root, tmp_path, capsys):
+    """The Trainer, resumed from a checkpoint that holds all --max-steps, would take one more step."""
+    from pigg.train import train
+
+    cfg = tiny_run_config(tiny_dir, synth_root, tmp_path, max_steps=2, save_steps=1)
+    folder = train(cfg)
+    before = load_file(folder / "adapter_model.safetensors")
+    cfg.train.resume = True
+    train(cfg)
+    assert "holds all 2 optimizer steps of this run" in capsys.readouterr().out
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    after = load_file(folder / "adapter_model.safetensors")
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert json.loads((folder / "provenance.json").read_text())["optimizer_steps"] == 2
 
 
 def test_supervised_positions_loss_equals_the_models_own(tiny_dir, synth_root, processor):

@@ -255,18 +255,44 @@ ANSWERER = "answered_by.json"  # in predictions/: what wrote them, checked befor
 
 
 def answerer(meta: dict | None, max_new_tokens: int, min_new_tokens: int) -> dict:
-    """What answers in a run: its description (`meta` without the label and users), the weight files of
-    the model and adapter it names (size and modification time each) and the answers' token limits."""
+    """What answers in a run: its description (`meta` without the label and users), a fingerprint of each
+    weight file of the model and adapter it names, and the answers' token limits."""
     described = {k: v for k, v in (meta or {}).items() if k not in ("label", "users")}
     stamps = {}
     for key in ("model", "adapter"):
         folder = described.get(key)
         if folder and Path(folder).is_dir():
-            files = [f for f in sorted(Path(folder).iterdir())
-                     if f.suffix in (".safetensors", ".bin") or f.name in ("config.json", "adapter_config.json")]
-            stamps[key] = {f.name: [(stat := f.stat()).st_size, stat.st_mtime_ns] for f in files}
+            stamps[key] = {f.name: fingerprint(f) for f in sorted(Path(folder).iterdir()) if is_weights(f)}
     now = {**described, "weight_files": stamps, "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens}
     return json.loads(json.dumps(now, default=str))  # as the file will read back
+
+
+def is_weights(path: Path) -> bool:
+    return path.suffix == ".safetensors" or path.name in ("config.json", "adapter_config.json") or (
+        path.suffix == ".bin" and path.name.startswith(("pytorch_model", "adapter_model")))
+
+
+WHOLE_FILE = 64 * 2**20  # a weight file up to this size is hashed whole; a larger one in BLOCKS places
+BLOCKS, BLOCK = 64, 2**16
+
+
+def fingerprint(path: Path) -> str:
+    """A weight file's size and the SHA-256 of its bytes: all of them up to WHOLE_FILE (an adapter), else
+    its first MiB (the tensors' names and shapes) and BLOCKS blocks spread over the rest, which any new
+    training of the weights changes. Content, not modification time: a run that saves the same weights
+    again does not count as another model."""
+    import hashlib
+
+    size, digest = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(2**20))
+            for k in range(BLOCKS):
+                f.seek(2**20 + k * (size - 2**20 - BLOCK) // (BLOCKS - 1))
+                digest.update(f.read(BLOCK))
+    return f"{size}:{digest.hexdigest()[:16]}"
 
 
 def same_answerer(pred_dir: Path, now: dict, resuming: bool) -> None:

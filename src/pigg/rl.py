@@ -41,7 +41,7 @@ from pigg.logs import log_path, quiet_stdout, tee_output
 from pigg.model.loading import (assert_no_adapter_in_vision, device, format_counts, freeze_vision, load_for_inference,
                                 load_model, parameter_counts, prepare_model)
 from pigg.provenance import write_provenance
-from pigg.trainer import checkpoint_to_resume, tensorboard_writer
+from pigg.trainer import checkpoint_to_resume, tensorboard_writer, train_from
 
 # No LoRA dropout: the answers are sampled without it, so the update scores the policy that sampled them.
 RL_DEFAULTS = {"train": {"learning_rate": 1e-5, "warmup_steps": 0, "lr_scheduler": "constant", "save_steps": 50,
@@ -98,7 +98,7 @@ def _rl(cfg, callbacks):
     r, world = cfg.rl, world_size()
     print(f"rl: {world} process(es); a step samples {r.generations} answers to each of {r.prompts_per_step} "
           f"prompt(s), {r.generations * r.prompts_per_step // world} answers on each process")
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_from(trainer, resume_from)
 
     trainer.save_model(str(out))
     if is_main():

@@ -23,7 +23,8 @@ from pigg.logs import log_path, quiet_stdout, tee_output
 from pigg.model.batch_plan import batch_plan, checkpoint_layers
 from pigg.model.loading import device, format_counts, load_model, parameter_counts, prepare_model, unwrapped
 from pigg.provenance import write_provenance
-from pigg.trainer import GlobalTrainer, checkpoint_to_resume, print_processes, tensorboard_writer, training_arguments
+from pigg.trainer import (GlobalTrainer, checkpoint_to_resume, print_processes, tensorboard_writer, train_from,
+                          training_arguments)
 
 
 def train(cfg: C.RunConfig, callbacks=()) -> Path:
@@ -92,7 +93,7 @@ def fit(model, processor, samples, tokens_per_sample: int, cfg, out: Path, resum
     )
     print_processes(trainer, cfg.train, model)
     with speedups(model, fast, trainer.args):
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        train_from(trainer, resume_from)
     return trainer, plan
 
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from pigg.data.collate import supervised_index
 from pigg.data.masking import IGNORE_INDEX
@@ -44,6 +44,33 @@ def checkpoint_to_resume(out: Path, resume: bool) -> Path | None:
     if complete:
         print(f"resuming from {complete[-1]}")
     return complete[-1] if complete else None
+
+
+class RunFinished(Exception):
+    """The checkpoint a run resumes from already holds all of its optimizer steps."""
+
+
+class StopIfFinished(TrainerCallback):
+    # on_train_begin comes after the Trainer has loaded the checkpoint's weights, optimizer and state
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps > 0:
+            raise RunFinished
+
+
+def train_from(trainer, checkpoint: Path | None) -> None:
+    """`trainer.train()`, resumed from `checkpoint` when one is given. A checkpoint that already holds every
+    optimizer step of the run is loaded and nothing more is trained: the Trainer itself would take one
+    more step before it looks at max_steps (a finished run resumed with --max-steps grew by a step)."""
+    if checkpoint is None:
+        trainer.train()
+        return
+    trainer.add_callback(StopIfFinished)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    except RunFinished:
+        print(f"{checkpoint} holds all {trainer.state.max_steps} optimizer steps of this run: nothing more to train")
+    finally:
+        trainer.remove_callback(StopIfFinished)
 
 
 def _complete(checkpoint: Path) -> bool:

@@ -337,7 +337,7 @@ class DecodeState:
         logits[:, self.stop] = logits[:, self.stop].masked_fill(early, float("-inf"))
         if self.sampling is None:
             return logits.argmax(-1)
-        logits[:, self.banned] = float("-inf")
+        logits.index_fill_(1, self.banned, float("-inf"))  # a scalar fill: no host-to-device copy in a graph
         return draw(sampling_cuts(logits, self.sampling))
 
     def stops(self, chosen: torch.Tensor) -> torch.Tensor:

@@ -218,7 +218,8 @@ class Generator:
         distinct, source = shared_prompts(batch, self.vision_start)
         logits, cache, deltas = self.prefill(distinct, distinct["attention_mask"].sum(1))
         if source is not None:
-            logits, deltas = logits[source.to(self.device)], deltas[source.to(self.device)]
+            source = source.to(self.device)
+            logits, deltas = logits[source], deltas[source]
         state = self.state_for(len(lengths), batch["input_ids"].shape[1])
         state.load(cache, lengths.to(self.device), deltas, logits, source)
         del cache

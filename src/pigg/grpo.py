@@ -18,6 +18,7 @@ settings pigg's sampler lacks (min_p, a repetition penalty).
 import torch
 import trl
 from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import pad
 
 from pigg.generation import Generator, Sampling
 
@@ -58,10 +59,8 @@ class GRPOTrainer(trl.GRPOTrainer):
 
 def prompt_batch(prompt_ids: list[list[int]], fields: dict, pad_id: int) -> dict:
     """TRL's tokenized prompts (and the processor's image fields) as one batch padded on the right."""
-    width = max(len(ids) for ids in prompt_ids)
-
     def padded(rows, value):
-        return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows])
+        return pad([torch.tensor(row) for row in rows], padding_value=value, padding_side="right")
 
     batch = {"input_ids": padded(prompt_ids, pad_id), "attention_mask": padded([[1] * len(r) for r in prompt_ids], 0)}
     for key, value in fields.items():

@@ -2,20 +2,22 @@
 
 Exactly 40 new tokens a sample (random weights never stop early) on phone screenshots of 1080x2400
 (966 image tokens), through pigg's own path: data validation, DataLoader workers running the processor,
-length-sorted batches, scoring, JSONL writes. Three variants in one run:
+length-sorted batches, scoring, JSONL writes. The variants (`--parts`):
 
-- seed_bs1: the seed's loop, one sample at a time through transformers' generate();
-- current_bsN: transformers' generate() on left-padded batches (`--eval.fast_generation false`), at the
-  largest batch size asked for;
-- pigg_bsN: pigg.generation (the default), at each batch size asked for.
+- seed_bs1 (`seed`): the seed's loop, one sample at a time through transformers' generate();
+- current_bsN (`current`): transformers' generate() on left-padded batches (`--eval.fast_generation
+  false`), at the largest batch size asked for;
+- pigg_bsN (`pigg`): pigg.generation (the default), at each batch size asked for;
+- pigg_noliger_bsN (`noliger`): the same without Liger's kernels in the prefill (`--fast.liger_kernel false`).
 
 Each variant first runs one batch to warm up, then its timed samples: "samples/s" end to end (the
-evaluate() call, DataLoader start included), "steady" from the answers of the first batch of the size
-asked for to the last's (the fast path's workers prepare its first batch in pieces, joined before it is answered).
+evaluate() call, DataLoader start included), "steady" from the first batch's answers to the last's.
 current and pigg at the largest size answer the same samples in the same batches; their answers are
-compared (exact text, parsed point). Then, on one batch, where the fast path's time goes (`levers`): prefill with and
-without batched vision attention, Liger's kernels and cuDNN attention against generate()'s prefill (one new token), and 39 decoding steps replayed as a
-CUDA graph against the same steps run eagerly.
+compared (exact text, parsed point). Then, on one batch, where the fast path's time goes (`levers`):
+prefill with and without batched vision attention, Liger's kernels and cuDNN attention against
+generate()'s prefill (one new token), and 39 decoding steps replayed as a CUDA graph against the same
+steps run eagerly. `--trace` adds, per batch, the wait for the DataLoader and the prefill, cache and
+decoding times.
 
     python bench/eval_gpu.py [BATCH_SIZE ...] [--batches 3] [--seed-samples 8] [--parts ...] [--json NAME]
 """
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from phone_8b import phone_users_and_8b
 from pigg import config as C
@@ -47,42 +50,103 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="batch sizes of the fast path (default: 128); the current path runs at the largest")
     parser.add_argument("--batches", type=int, default=3, help="timed batches of each batched variant")
     parser.add_argument("--seed-samples", type=int, default=8, help="timed samples of the seed's loop")
-    parser.add_argument("--parts", default="seed,current,pigg,levers", help="which parts to run")
+    parser.add_argument("--parts", default="seed,current,pigg,levers",
+                        help="which parts to run, of seed,current,pigg,noliger,levers")
     parser.add_argument("--json", default="eval_gpu.json", help="file name under $OUT for the results")
+    parser.add_argument("--trace", action="store_true",
+                        help="print where each batch's time goes (wait for the loader, prefill, cache, decoding)")
+    parser.add_argument("--no-pin", action="store_true", help="the DataLoader without pinned memory")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers (default: 8)")
     return parser.parse_args(argv)
 
 
 class Stamps:
-    """When each batch's answers come back (wraps evaluate's one generation call)."""
+    """When each batch's answers come back (wraps evaluate's one generation call); `started` holds when
+    each call began, so the time between one call's end and the next one's start is the wait for the loader."""
 
     def __init__(self):
-        self.times, self.real = [], E.generate_batch
+        self.times, self.started, self.real = [], [], E.generate_batch
         E.generate_batch = self
 
     def __call__(self, *args, **kw):
+        self.started.append(time.time())
         out = self.real(*args, **kw)
         self.times.append((time.time(), len(out)))
         return out
 
+    def clear(self):
+        self.times.clear()
+        self.started.clear()
 
-def run_variant(model, processor, samples, sizes, out: Path, bs: int, n: int, fast: bool, stamps: Stamps) -> dict:
-    evaluate(model, processor, samples[:bs], sizes, out / "warm", bs, NEW_TOKENS, 8, min_new_tokens=NEW_TOKENS,
-             fast=fast)
-    stamps.times.clear()
+
+class Trace:
+    """Per batch of the fast path: the prefill (input copy included), taking the decoding state (a new
+    one and its graph capture when the batch's shape is new) and decoding, each timed between two
+    synchronisations (the decoding ends with one anyway), with the batch's rows and width."""
+
+    def __init__(self):
+        self.parts = []
+        for name in ("prefill", "state_for", "decode"):
+            self.wrap(name)
+
+    def wrap(self, name):
+        real = getattr(Generator, name)
+
+        def timed_part(gen, *args, **kw):
+            before = gen.state
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = real(gen, *args, **kw)
+            torch.cuda.synchronize()
+            part = {name: round(time.perf_counter() - t, 3)}
+            if name == "prefill":
+                part["rows"], part["width"] = args[0]["input_ids"].shape
+            if name == "state_for":
+                part["new_state"] = gen.state is not before
+            self.parts.append(part)
+            return out
+
+        setattr(Generator, name, timed_part)
+
+    def batches(self, stamps: Stamps, start: float) -> list[dict]:
+        """One row per answered batch: its wait for the loader and its parts."""
+        rows, parts = [], iter(self.parts)
+        for k, (began, (ended, n)) in enumerate(zip(stamps.started, stamps.times)):
+            row = {"batch": k, "samples": n, "wait_s": round(began - (stamps.times[k - 1][0] if k else start), 3)}
+            for _ in range(3):
+                row.update(next(parts, {}))
+            row["total_s"] = round(ended - began, 3)
+            rows.append(row)
+        return rows
+
+
+def run_variant(model, processor, samples, sizes, out: Path, bs: int, n: int, fast: bool, stamps: Stamps,
+                trace: Trace | None = None, workers: int = 8, liger: bool | None = None) -> dict:
+    evaluate(model, processor, samples[:bs], sizes, out / "warm", bs, NEW_TOKENS, workers, min_new_tokens=NEW_TOKENS,
+             fast=fast, liger=liger)
+    stamps.clear()
+    if trace:
+        trace.parts.clear()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.time()
-    evaluate(model, processor, samples[:n], sizes, out / "run", bs, NEW_TOKENS, 8, min_new_tokens=NEW_TOKENS, fast=fast)
+    evaluate(model, processor, samples[:n], sizes, out / "run", bs, NEW_TOKENS, workers, min_new_tokens=NEW_TOKENS,
+             fast=fast, liger=liger)
     torch.cuda.synchronize()
     dt = time.time() - t
     first = stamps.times[0][0]
-    # steady: the batches of the size asked for (the fast path cuts its first batch into smaller ones)
-    full = [(at, k) for at, k in stamps.times if k == bs]
-    steady = sum(k for _, k in full[1:]) / (full[-1][0] - full[0][0]) if len(full) > 1 else n / dt
-    return dict(batch_size=bs, samples=n, seconds=round(dt, 2), samples_per_s=round(n / dt, 2),
-                steady_samples_per_s=round(steady, 2), first_answers_s=round(first - t, 2),
-                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
-                test_set_minutes_10063=round(10063 / steady / 60, 1))
+    times = stamps.times
+    steady = sum(k for _, k in times[1:]) / (times[-1][0] - times[0][0]) if len(times) > 1 else n / dt
+    res = dict(batch_size=bs, samples=n, seconds=round(dt, 2), samples_per_s=round(n / dt, 2),
+               steady_samples_per_s=round(steady, 2), first_answers_s=round(first - t, 2),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1),
+               test_set_minutes_10063=round(10063 / steady / 60, 1))
+    if trace and fast:
+        res["batches"] = trace.batches(stamps, t)
+        if hasattr(torch.cuda, "host_memory_stats"):  # pinned memory: how often and how long it was allocated
+            res["host_memory"] = {k: v for k, v in torch.cuda.host_memory_stats().items()
+                                  if k.startswith(("num_host_alloc", "host_alloc_time", "allocated_bytes.peak"))}
+    return res
 
 
 def agreement(a: Path, b: Path) -> dict:
@@ -123,7 +187,8 @@ def levers(model, processor, samples, sizes, bs: int) -> dict:
     with torch.inference_mode():
         gen = Generator(model, processor, NEW_TOKENS, NEW_TOKENS)
         res["fast_prefill_s"] = timed(lambda: gen.prefill(right, lengths), 1)
-        for switch, value, name in (("vision_batched", False, "stock_vision"), ("liger", True, "liger"),
+        for switch, value, name in (("vision_batched", False, "stock_vision"),
+                                    ("liger", not gen.liger, "liger" if not gen.liger else "no_liger"),
                                     ("cudnn", True, "cudnn"), ("cudnn", False, "no_cudnn")):
             before = getattr(gen, switch)
             setattr(gen, switch, value)
@@ -170,16 +235,22 @@ def main(argv=None):
     results = {"device": torch.cuda.get_device_name(), "new_tokens": NEW_TOKENS,
                "model_build_s": round(time.time() - t, 2)}
     stamps = Stamps()
+    trace = Trace() if args.trace else None
+    if args.no_pin:
+        E.DataLoader = lambda *a, **kw: DataLoader(*a, **{**kw, "pin_memory": False})
 
     def save():
         if os.environ.get("OUT"):  # after each part: a later one failing keeps the others
             Path(os.environ["OUT"], args.json).write_text(json.dumps(results, indent=1) + "\n")
 
-    runs = [("seed", "seed_bs1", 1, args.seed_samples, False), ("current", f"current_bs{bs}", bs, n, False)]
-    runs += [("pigg", f"pigg_bs{size}", size, size * args.batches, True) for size in args.batch_sizes]
-    for part, name, size, count, fast in runs:
+    runs = [("seed", "seed_bs1", 1, args.seed_samples, False, None),
+            ("current", f"current_bs{bs}", bs, n, False, None)]
+    runs += [("pigg", f"pigg_bs{size}", size, size * args.batches, True, None) for size in args.batch_sizes]
+    runs += [("noliger", f"pigg_noliger_bs{size}", size, size * args.batches, True, False) for size in args.batch_sizes]
+    for part, name, size, count, fast, liger in runs:
         if part in parts:
-            results[name] = run_variant(model, processor, samples, sizes, root / name, size, count, fast, stamps)
+            results[name] = run_variant(model, processor, samples, sizes, root / name, size, count, fast, stamps, trace,
+                                        args.workers, liger)
             print(json.dumps({name: results[name]}), flush=True)
             save()
     if "current" in parts and "pigg" in parts:
@@ -190,12 +261,12 @@ def main(argv=None):
         results["levers"] = levers(model, processor, samples, sizes, bs)
         print(json.dumps({"levers": results["levers"]}), flush=True)
         save()
-    print(f"\n{'variant':<13} {'batch':>5} {'samples/s':>9} {'steady':>7} {'first s':>7} {'peak GiB':>8} "
+    print(f"\n{'variant':<19} {'batch':>5} {'samples/s':>9} {'steady':>7} {'first s':>7} {'peak GiB':>8} "
           f"{'10,063 samples':>15}")
     for _, name, *_ in runs:
         if name in results:
             r = results[name]
-            print(f"{name:<13} {r['batch_size']:>5} {r['samples_per_s']:>9.2f} {r['steady_samples_per_s']:>7.2f} "
+            print(f"{name:<19} {r['batch_size']:>5} {r['samples_per_s']:>9.2f} {r['steady_samples_per_s']:>7.2f} "
                   f"{r['first_answers_s']:>7.1f} {r['peak_gib']:>8.1f} {r['test_set_minutes_10063']:>11.1f} min")
 
 

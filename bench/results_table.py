@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 EPOCH = 90727  # samples in the seed's training set: a LoRA epoch's hours are this over the rate
-EVALUATION = {"seed": " (the seed's loop)", "current": " (transformers' generate())", "pigg": ""}  # name: label
+EVALUATION = {"seed": " (the seed's loop)", "current": " (transformers' generate())",  # name: label
+              "pigg_noliger": " (pigg, without Liger's kernels)", "pigg": ""}
 RL_SAMPLERS = {"pigg": "pigg's generator", "transformers": "TRL's generate()"}  # rl.sampler: its row's name
 ROWS = {  # variant: its row's name, in the README's order
     "seed_lora": "seed recipe LoRA",
@@ -27,8 +28,8 @@ ROWS = {  # variant: its row's name, in the README's order
 
 def read(paths: list[Path]) -> tuple[list[dict], dict, list[dict]]:
     """Training results (bench/train_throughput.py's lists; a variant's last result counts, a failure
-    too), evaluation results by row label (bench/eval_gpu.py's "seed_bsN", "current_bsN" and "pigg_bsN"
-    entries, in that order and by batch size) and GRPO runs (bench/rl_gpu.py's, with its settings)."""
+    too), evaluation results by row label (bench/eval_gpu.py's "seed_bsN", "current_bsN", "pigg_noliger_bsN"
+    and "pigg_bsN" entries, in that order and by batch size) and GRPO runs (bench/rl_gpu.py's, with its settings)."""
     training, evaluation, rl = {}, {}, []
     for path in paths:
         data = json.loads(Path(path).read_text())

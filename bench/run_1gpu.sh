@@ -41,7 +41,7 @@ for step in $steps; do
   # removed after it, so a run that fails leaves no full fine-tuning output (~65 GB) behind.
   tmp=$(mktemp -d)
   if [ "$step" = eval ]; then
-    OUT=$results TMPDIR=$tmp python3 bench/eval_gpu.py 128 --seed-samples 4 --parts seed,current,pigg --json "eval_gpu_$card.json"
+    OUT=$results TMPDIR=$tmp python3 bench/eval_gpu.py 128 --seed-samples 4 --parts seed,current,pigg,noliger --json "eval_gpu_$card.json"
   elif [ "$step" = rl ]; then
     OUT=$results TMPDIR=$tmp python3 bench/rl_gpu.py --steps 3 --json "rl_gpu_$card.json"
   else

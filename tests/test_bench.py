@@ -176,8 +176,8 @@ def test_run_1gpu_sh_is_valid_bash_and_calls_scripts_and_variants_that_exist(tra
     assert all(v in train_throughput.VARIANTS for v in variants)
     assert training == [["bench/train_throughput.py", v, "--json", f"train_throughput_{v}_h200.json"] for v in variants]
     evaluation = [c["args"] for c in calls if c["args"][0] == "bench/eval_gpu.py"]
-    assert evaluation == [["bench/eval_gpu.py", "128", "--seed-samples", "4", "--parts", "seed,current,pigg", "--json",
-                           "eval_gpu_h200.json"]]
+    assert evaluation == [["bench/eval_gpu.py", "128", "--seed-samples", "4", "--parts", "seed,current,pigg,noliger",
+                           "--json", "eval_gpu_h200.json"]]
     rl = [c["args"] for c in calls if c["args"][0] == "bench/rl_gpu.py"]
     assert rl == [["bench/rl_gpu.py", "--steps", "3", "--json", "rl_gpu_h200.json"]]
     table = calls[-1]["args"]
@@ -196,7 +196,7 @@ def test_run_1gpu_sh_is_valid_bash_and_calls_scripts_and_variants_that_exist(tra
         args = eval_gpu.parse_args(evaluation[0][1:])
     finally:
         sys.modules.pop("eval_gpu", None)
-    assert (args.batch_sizes, args.parts, args.json) == ([128], "seed,current,pigg", "eval_gpu_h200.json")
+    assert (args.batch_sizes, args.parts, args.json) == ([128], "seed,current,pigg,noliger", "eval_gpu_h200.json")
     rl_gpu = importlib.import_module("rl_gpu")
     try:
         assert rl_gpu.parse_args(rl[0][1:]).json == "rl_gpu_h200.json"
@@ -212,7 +212,7 @@ def test_run_1gpu_sh_runs_the_steps_named_and_installs_wheels_when_present(tmp_p
     out = tmp_path / "out"
     assert [c["args"] for c in runs] == [
         ["bench/train_throughput.py", "pigg_default_full", "--json", "train_throughput_pigg_default_full_h200.json"],
-        ["bench/eval_gpu.py", "128", "--seed-samples", "4", "--parts", "seed,current,pigg", "--json",
+        ["bench/eval_gpu.py", "128", "--seed-samples", "4", "--parts", "seed,current,pigg,noliger", "--json",
          "eval_gpu_h200.json"],
         ["bench/results_table.py", f"{out}/train_throughput_pigg_default_full_h200.json", f"{out}/eval_gpu_h200.json"]]
     assert all("/tmp/site" in c["path"].split(":") for c in runs)

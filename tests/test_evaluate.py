@@ -6,8 +6,8 @@ import pytest
 from conftest import tiny_run_config
 from pigg import config as C
 from pigg.data.samples import load_samples
-from pigg.evaluate import (PromptCollator, evaluate, first_joined, generate_batch, join, length_batches,
-                           prompt_and_truth, read_done, split_first)
+from pigg.evaluate import (PromptCollator, evaluate, generate_batch, join, joined, length_batches, prompt_and_truth,
+                           read_done, split)
 from pigg.seed_cli import translate_eval
 
 
@@ -47,11 +47,12 @@ def test_length_batches_group_by_length():
     assert batches == [["c", "e"], ["a", "d"], ["f", "b"]]
 
 
-def test_split_first_cuts_only_the_first_batch():
+def test_split_cuts_every_batch_into_pieces_and_counts_them():
     batches = [list("abcdefg"), list("hij"), list("k")]
-    assert split_first(batches, 3) == [list("abc"), list("def"), list("g"), list("hij"), list("k")]
-    assert split_first(batches, 1) == batches
-    assert split_first([], 4) == []
+    assert split(batches, 3) == ([list("abc"), list("def"), list("g"), list("h"), list("i"), list("j"), list("k")],
+                                 [3, 3, 1])
+    assert split(batches, 1) == (batches, [1, 1, 1])
+    assert split([], 4) == ([], [])
 
 
 def test_joined_pieces_equal_the_batch_collated_whole(setup, processor):
@@ -61,16 +62,16 @@ def test_joined_pieces_equal_the_batch_collated_whole(setup, processor):
     whole, whole_items = collate(items)
     parts = [collate(items[k:k + 3]) for k in range(0, 7, 3)]
     assert len({batch["input_ids"].shape[1] for batch, _ in parts}) > 1, "the test needs pieces of different widths"
-    joined, joined_items = join(parts, processor.tokenizer.pad_token_id)
-    assert joined_items == whole_items
-    assert joined.keys() == whole.keys()
+    one, one_items = join(parts, processor.tokenizer.pad_token_id)
+    assert one_items == whole_items
+    assert one.keys() == whole.keys()
     for key in whole:
-        assert joined[key].equal(whole[key]), key
-    # the loader's first pieces are joined, the rest pass as they are
-    loader = [parts[0], parts[1], parts[2], "next"]
-    out = list(first_joined(loader, 2, processor.tokenizer.pad_token_id))
-    assert out[0][0]["input_ids"].shape[0] == 6 and out[1:] == [parts[2], "next"]
-    assert list(first_joined([], 3, 0)) == []
+        assert one[key].equal(whole[key]), key
+    # the loader's pieces are joined back into their batches, a batch of one piece passes as it is
+    out = list(joined([parts[0], parts[1], parts[2]], [2, 1], processor.tokenizer.pad_token_id))
+    assert [batch["input_ids"].shape[0] for batch, _ in out] == [6, 1] and out[1] == parts[2]
+    assert out[0][1] == whole_items[:6]
+    assert list(joined([], [], 0)) == []
 
 
 def test_outputs_and_resume_after_interruption(setup, processor, tmp_path, monkeypatch):
@@ -177,8 +178,9 @@ def test_seed_eval_shim_checks_lora_flag(tmp_path):
 
 
 def test_fast_and_former_generation_write_the_same_predictions(setup, processor, tmp_path):
+    """The fast path with two workers (each batch prepared in two pieces, joined) writes what generate() does."""
     model, samples, sizes = setup
-    fast = evaluate(model, processor, samples, sizes, tmp_path / "fast", batch_size=4, max_new_tokens=8, workers=0)
+    fast = evaluate(model, processor, samples, sizes, tmp_path / "fast", batch_size=4, max_new_tokens=8, workers=2)
     former = evaluate(model, processor, samples, sizes, tmp_path / "former", batch_size=4, max_new_tokens=8, workers=0,
                       fast=False)
     assert fast == former

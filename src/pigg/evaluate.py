@@ -63,44 +63,62 @@ class PromptCollator:
         return batch, items
 
 
-def split_first(batches: list[list], pieces: int) -> list[list]:
-    """The first batch cut into `pieces` smaller ones: each DataLoader worker prepares one, so the
-    first batch is ready after a fraction of a batch's preparation instead of a whole one (`joined`
-    puts the pieces back together before they are answered)."""
-    if pieces < 2 or not batches:
-        return batches
-    first, size = batches[0], -(-len(batches[0]) // pieces)
-    return [first[k:k + size] for k in range(0, len(first), size)] + batches[1:]
+def split(batches: list[list], pieces: int) -> tuple[list[list], list[int]]:
+    """Every batch cut into up to `pieces` smaller ones, and how many each batch became. Each DataLoader
+    worker prepares one piece, so a batch is ready after a fraction of one worker's time for a whole
+    batch (the processor takes 0.1-0.2 s a 1080x2400 screenshot on one core: 13-26 s for 128); `joined`
+    puts the pieces back together before they are answered, so no batch is answered short."""
+    if pieces < 2:
+        return batches, [1] * len(batches)
+    cut = [[batch[k:k + -(-len(batch) // pieces)] for k in range(0, len(batch), -(-len(batch) // pieces))]
+           for batch in batches]
+    return [piece for parts in cut for piece in parts], [len(parts) for parts in cut]
 
 
-def join(parts: list[tuple[dict, list]], pad_id: int) -> tuple[dict, list]:
+def widened(batch: dict, width: int, pad_id: int) -> dict:
+    """A right-padded batch with padding added up to `width` columns: pad tokens outside the attention
+    mask, and rotary positions (`position_ids`, if given) that continue each row's as text, as
+    `pigg.data.collate.rope_positions` gives the padding it finds."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": pad_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    out = {}
+    for key, value in batch.items():
+        if key in fill:
+            value = F.pad(value, (0, extra), value=fill[key])
+        elif key == "position_ids":  # (3, rows, width)
+            value = torch.cat([value, value[:, :, -1:] + torch.arange(1, extra + 1)], 2)
+        elif key not in ("pixel_values", "image_grid_thw"):
+            raise ValueError(f"eval: cannot pad a batch holding {key!r}")
+        out[key] = value
+    return out
+
+
+def join(parts: list[tuple[dict, list]], pad_id: int, device=None) -> tuple[dict, list]:
     """One right-padded batch (`PromptCollator(fast=True)`'s) of several, rows in order: rows are padded
-    to the widest, the padding continuing each row's rotary positions as text, as `rope_positions` does."""
+    to the widest (`widened`). The pixels are copied piece by piece into one tensor on
+    `device` (default: where they are), the way they go anyway, rather than joined on the CPU first."""
     if len(parts) == 1:
         return parts[0]
     width = max(batch["input_ids"].shape[1] for batch, _ in parts)
-    fill = {"input_ids": pad_id, "attention_mask": 0, "mm_token_type_ids": 0}
-    joined = {}
-    for key in parts[0][0]:
-        tensors, rows = [batch[key] for batch, _ in parts], 0
-        if key in fill:
-            tensors = [F.pad(t, (0, width - t.shape[1]), value=fill[key]) for t in tensors]
-        elif key == "position_ids":  # (3, rows, width)
-            tensors, rows = [torch.cat([t, t[:, :, -1:] + torch.arange(1, width - t.shape[2] + 1)], 2)
-                             for t in tensors], 1
-        elif key not in ("pixel_values", "image_grid_thw"):
-            raise ValueError(f"eval: cannot join batches holding {key!r}")
-        joined[key] = torch.cat(tensors, rows)
-    return joined, [item for _, items in parts for item in items]
+    batches = [widened(batch, width, pad_id) for batch, _ in parts]
+    out = {key: torch.cat([b[key] for b in batches], 1 if key == "position_ids" else 0)
+           for key in batches[0] if key != "pixel_values"}
+    if "pixel_values" in batches[0]:
+        pieces = [b["pixel_values"] for b in batches]
+        pixels = pieces[0].new_empty((sum(len(p) for p in pieces), *pieces[0].shape[1:]), device=device)
+        for piece, into in zip(pieces, pixels.split([len(p) for p in pieces])):
+            into.copy_(piece, non_blocking=True)
+        out["pixel_values"] = pixels
+    return out, [item for _, items in parts for item in items]
 
 
-def first_joined(loader, pieces: int, pad_id: int):
-    """The loader's batches, its first `pieces` ones joined into one (see `split_first`)."""
-    batches = iter(loader)
-    first = [part for _, part in zip(range(pieces), batches)]
-    if first:
-        yield join(first, pad_id)
-    yield from batches
+def joined(loader, counts: list[int], pad_id: int, device=None):
+    """The loader's pieces joined back into the batches they were cut from (`split`'s counts)."""
+    pieces = iter(loader)
+    for count in counts:
+        yield join([next(pieces) for _ in range(count)], pad_id, device)
 
 
 def length_batches(prompts: list[tuple[Sample, str]], lengths: list[int], batch_size: int) -> list[list]:
@@ -177,17 +195,19 @@ def generate_batch(model, processor, batch: dict, max_new_tokens: int, min_new_t
 
 def evaluate(model, processor, samples: list[Sample], sizes: dict, out_dir, batch_size: int = 32,
              max_new_tokens: int = 128, workers: int = 4, meta: dict | None = None,
-             min_new_tokens: int = 0, benchmark=None, fast: bool = True) -> dict:
+             min_new_tokens: int = 0, benchmark=None, fast: bool = True, liger: bool | None = None) -> dict:
     """Generate, score and write predictions and metrics for `samples`; return the metrics. Under a
     launcher each process takes a share (see the module's docstring). A `benchmark`
     (pigg.grounding.benchmarks) adds its fields to each record and scores the run its way.
 
     `min_new_tokens` exists for benchmarks, which need the same work per sample from random weights.
     `fast`: answers from `pigg.generation` (static cache, CUDA graph); False: transformers' generate().
+    `liger`: Liger's kernels in the fast path's prefill (`fast.liger_kernel`; None: where installed).
     """
     made_group = start_process_group()  # for the barriers, unless training made one already
     try:
-        with released(Generator(model, processor, max_new_tokens, min_new_tokens) if fast else None) as generator:
+        with released(Generator(model, processor, max_new_tokens, min_new_tokens, liger=liger) if fast else None
+                      ) as generator:
             return _evaluate(model, processor, samples, sizes, Path(out_dir), batch_size, max_new_tokens, workers,
                              meta, min_new_tokens, benchmark, generator)
     finally:
@@ -215,19 +235,16 @@ def _evaluate(model, processor, samples, sizes, out_dir: Path, batch_size, max_n
     batches = length_batches(prompts, lengths, batch_size)[rank()::world_size()]
     write_dir = pred_dir if world_size() == 1 else share_dir(pred_dir, rank())
     write_dir.mkdir(exist_ok=True)
-    # Each worker prepares whole batches; with several workers the next batches are ready while the
-    # GPU generates (the processor takes ~45 ms a phone screenshot).
-    # The fast path cuts the first batch into one piece a worker and answers the pieces joined: its
-    # first answers wait for a fraction of a batch's preparation, and no batch is decoded short.
-    collate, pieces = PromptCollator(processor), 1
+    # The fast path cuts every batch into one piece a DataLoader worker and answers the pieces joined:
+    # a batch is ready after a fraction of a worker's time for a whole one, and the next batches are
+    # prepared while the GPU answers. The former path has each worker prepare whole batches.
+    collate = PromptCollator(processor)
+    loader_items, counts = split(batches, workers if generator is not None else 1)
     if generator is not None:
-        whole = len(batches)
-        batches = split_first(batches, workers)
-        pieces += len(batches) - whole
         collate = PromptCollator(processor, fast=True, pixel_dtype=generator.pixel_dtype)
-    loader = DataLoader(batches, batch_size=None, collate_fn=collate, num_workers=workers,
+    loader = DataLoader(loader_items, batch_size=None, collate_fn=collate, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
-    loader = first_joined(loader, pieces, processor.tokenizer.pad_token_id)
+    loader = joined(loader, counts, processor.tokenizer.pad_token_id, generator and generator.device)
     from tqdm.auto import tqdm
 
     model.eval()
@@ -406,7 +423,7 @@ def _run_eval(cfg: C.RunConfig) -> dict:
     meta = dict(label=label, model=cfg.model.name_or_path, adapter=adapter, users=cfg.data.users,
                 **(bench.meta if bench else {}))
     metrics = evaluate(model, processor, samples, sizes, out, e.batch_size, e.max_new_tokens, e.workers, meta,
-                       benchmark=bench, fast=e.fast_generation)
+                       benchmark=bench, fast=e.fast_generation, liger=cfg.fast.liger_kernel)
     if prior is not None:
         metrics = attach_priors(out, [prior])
     print(bench.format(metrics) if bench else format_metrics(metrics))

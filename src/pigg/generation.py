@@ -11,10 +11,10 @@ Python while the weights and the cache it reads take a few milliseconds. Here:
   after the prompt: each row's position offset for the answer (`rope_deltas`) is then what it is
   without padding. Evaluation's collator computes them in its DataLoader workers
   (`pigg.data.collate.rope_positions`, the batch's `position_ids`); else the model computes them. The
-  vision tower attends same-sized images in one call (`pigg.fast.vision`, as in training). With
-  `liger=True` (a GPU and liger-kernel; not yet the default), the language model's RMSNorm, RoPE and
-  SwiGLU run Liger's fused kernels (`pigg.fast.liger.prefill_kernels`). Logits are taken at each row's
-  last prompt token only.
+  vision tower attends same-sized images in one call (`pigg.fast.vision`, as in training). Where a GPU
+  and liger-kernel are there (`liger=None`, as `fast.liger_kernel`), the language model's RMSNorm, RoPE
+  and SwiGLU run Liger's fused kernels (`pigg.fast.liger.prefill_kernels`). Logits are taken at each
+  row's last prompt token only.
 - Decoding: the prefill's keys and values go into a static cache (rows x [prompt slots | answer slots]);
   slot validity is a mask, so each row's padding is never attended. One decoding step (embedding, 36
   layers, argmax, stop test) reads and writes only fixed buffers, so on a GPU it is captured once as a
@@ -179,7 +179,7 @@ class Generator:
     replaces the tokens that end an answer (default: `stop_ids`)."""
 
     def __init__(self, model, processor, max_new_tokens: int, min_new_tokens: int = 0, graphs: bool | None = None,
-                 liger: bool = False, sampling: Sampling | None = None, stop: list[int] | None = None):
+                 liger: bool | None = None, sampling: Sampling | None = None, stop: list[int] | None = None):
         if max_new_tokens < 1:
             raise ValueError(f"generation: max_new_tokens must be at least 1, got {max_new_tokens}")
         self.core = unwrapped(model)
@@ -191,11 +191,11 @@ class Generator:
         self.device = self.core.lm_head.weight.device
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.state = None  # the static buffers (and graph) of the last batch shape
-        # bench/eval_gpu.py switches these to measure what each saves. Liger's kernels in the prefill
-        # (`liger=True`) and a cuDNN choice (`cudnn`: True or False; None leaves PyTorch's) are off until
-        # measured on a GPU (bench/eval_gpu.py's levers).
+        # bench/eval_gpu.py switches these to measure what each saves: batched vision attention, Liger's
+        # kernels in the prefill (None: where liger-kernel is installed and the model is on a GPU) and a
+        # cuDNN choice for attention (True or False; None leaves PyTorch's).
         self.vision_batched = True
-        self.liger = liger and use_liger(liger) and self.device.type == "cuda"
+        self.liger = use_liger(liger) and self.device.type == "cuda"
         self.cudnn = None
         self.pixel_dtype = self.core.model.visual.dtype
 

@@ -24,9 +24,9 @@ from pigg.generation import Generator, Sampling
 
 
 class GRPOTrainer(trl.GRPOTrainer):
-    def __init__(self, *args, sampler: str = "pigg", **kwargs):
+    def __init__(self, *args, sampler: str = "pigg", liger: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sampler = sampler
+        self.sampler, self.liger = sampler, liger  # liger: Liger's kernels in the sampler's prefill
         self.pigg_generator = None
 
     def pigg_samples(self) -> bool:
@@ -49,7 +49,7 @@ class GRPOTrainer(trl.GRPOTrainer):
                 sampling = Sampling(temperature=g["temperature"], top_p=g["top_p"] or 1.0, top_k=g["top_k"] or 0,
                                     banned=tuple(g.get("suppress_tokens") or ()))
                 self.pigg_generator = Generator(model, self.processing_class, g["max_new_tokens"],
-                                                sampling=sampling, stop=self.eos_token_ids)
+                                                sampling=sampling, stop=self.eos_token_ids, liger=self.liger)
             try:
                 completion_ids = self.pigg_generator.answer_ids(batch)
             finally:

@@ -221,7 +221,7 @@ def evaluate_into(model, processor, samples, sizes, out_dir: Path, cfg, label: s
                        meta=dict(label=label, **({"model": weights} if weights else {}),
                                  **({"adapter": adapter} if adapter else {}), base=cfg.personalize.base,
                                  users=cfg.data.users),
-                       fast=e.fast_generation)
+                       fast=e.fast_generation, liger=cfg.fast.liger_kernel)
     model.config.use_cache = False
     return metrics
 

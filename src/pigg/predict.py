@@ -90,7 +90,7 @@ def _read_jsonl(path: Path) -> tuple[list[Request], list[Problem]]:
 
 
 def predict(model, processor, requests: list[Request], prompt: str = "pigg", batch_size: int = 8,
-            max_new_tokens: int = 128) -> list[dict]:
+            max_new_tokens: int = 128, liger: bool | None = None) -> list[dict]:
     """One record per request, in order: the raw answer, the referring text and the point, in 0-1000
     and in the screenshot's pixels (None when the answer holds no point)."""
     samples = [Sample(0, i, r.where, [{"role": "user", "content": [
@@ -98,7 +98,7 @@ def predict(model, processor, requests: list[Request], prompt: str = "pigg", bat
         for i, r in enumerate(requests)]
     collate, answers = PromptCollator(processor), []
     model.eval()
-    with released(Generator(model, processor, max_new_tokens)) as generator:  # evaluation's fast path
+    with released(Generator(model, processor, max_new_tokens, liger=liger)) as generator:  # evaluation's fast path
         for start in range(0, len(samples), batch_size):
             batch, _ = collate([(s, "") for s in samples[start:start + batch_size]])
             answers += generate_batch(model, processor, batch, max_new_tokens, generator=generator)
@@ -173,7 +173,8 @@ def run_predict(cfg: C.RunConfig, image=None, command=None, input_file=None, as_
         raise C.ConfigError(f"eval.prompt must be one of {', '.join(PROMPTS)}, got {cfg.eval.prompt!r}")
     requests = read_requests(image, command, input_file)
     model, processor = load_model(cfg)
-    records = predict(model, processor, requests, cfg.eval.prompt, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    records = predict(model, processor, requests, cfg.eval.prompt, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                      cfg.fast.liger_kernel)
     for i, record in enumerate(records):
         record["drawn"] = None if not draw_to else str(
             draw(record["image"], record["point"], drawing_path(draw_to, i, record["image"], bool(input_file))))

@@ -267,7 +267,8 @@ def grpo_trainer(model, processor, samples, cfg: C.RunConfig, out: Path, callbac
     tensorboard = [TensorBoardCallback(tb_writer=tensorboard_writer(out))] if is_main() else []
     return GRPOTrainer(model=model, reward_funcs=reward_functions(cfg.rl.click_reward), args=args,
                        train_dataset=prompt_dataset(samples), processing_class=processor,
-                       callbacks=[*tensorboard, *callbacks], sampler=cfg.rl.sampler)
+                       callbacks=[*tensorboard, *callbacks], sampler=cfg.rl.sampler,
+                       liger=cfg.fast.liger_kernel)
 
 
 def demo_rl(cfg: C.RunConfig, global_folder: Path, test_users: str, steps: int = 20) -> Path:

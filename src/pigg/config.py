@@ -99,9 +99,9 @@ class FastConfig:
     """Speed switches. Each keeps the same mathematics as the stock code it replaces (torch_compile aside,
     which is off by default); turn one off to rule it out when something looks wrong. docs/performance.md
     says what each replaces and what it saves."""
-    liger_kernel: bool | None = opt(None, "Liger's fused RMSNorm, RoPE and SwiGLU kernels (None: on when liger-kernel "
-                                          "is installed, a GPU trains and torch_compile is off; pip install "
-                                          "'pigg[fast]').")
+    liger_kernel: bool | None = opt(None, "Liger's fused RMSNorm, RoPE and SwiGLU kernels, in training and in "
+                                          "generation's prefill (None: on when liger-kernel is installed, on a GPU, "
+                                          "torch_compile off; pip install 'pigg[fast]').")
     fused_lora: bool = opt(True, "Apply each LoRA adapter with fewer passes over memory (pigg.fast.lora): the dropout "
                                  "mask is drawn again in the backward instead of keeping the dropped-out input. Off: "
                                  "PEFT's forward. Not with torch_compile nor with lora_input_fp32.")

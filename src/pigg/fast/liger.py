@@ -1,4 +1,4 @@
-"""Liger's Triton kernels for Qwen3-VL while training, put back afterwards.
+"""Liger's Triton kernels for Qwen3-VL while training and in generation's prefill, put back afterwards.
 
 Liger (liger-kernel, `pip install 'pigg[fast]'`) replaces transformers' RMSNorm, RoPE and SwiGLU with
 fused kernels that compute the same functions. Where an RMSNorm's weight is frozen (LoRA), its

@@ -92,6 +92,14 @@ def test_learning_rate_by_method(argv, lr):
     assert C.validate(cfg).train.learning_rate == lr
 
 
+@pytest.mark.parametrize("command", [["eval"], ["rl"], ["predict", "--image", "a.png", "--command", "tap"]])
+def test_generation_commands_take_the_liger_switch(command):
+    """eval, rl and predict answer through pigg.generation, whose prefill follows fast.liger_kernel."""
+    assert config_from_args(build_parser().parse_args(command)).fast.liger_kernel is None
+    cfg = config_from_args(build_parser().parse_args(command + ["--fast.liger_kernel", "false"]))
+    assert cfg.fast.liger_kernel is False
+
+
 def test_resolved_learning_rate_is_printed_and_recorded(tiny_dir, synth_root, tmp_path, capsys):
     """The YAML a run writes holds the learning rate it trained with, not None."""
     from conftest import tiny_run_config

@@ -264,6 +264,15 @@ def cmd_demo(args) -> None:
     run_demo(args.out, quick=args.quick, rl=args.rl)
 
 
+def add_liger_flag(parser) -> None:
+    """`--fast.liger_kernel`, the one speed switch of the `fast` section that generation (eval, predict,
+    rl's sampling) uses: Liger's kernels in the prefill."""
+    f = next(f for f in dataclasses.fields(C.FastConfig) if f.name == "liger_kernel")
+    parser.add_argument_group("fast: the speed switch that applies here").add_argument(
+        "--fast.liger_kernel", dest="fast.liger_kernel", default=None, metavar="V",
+        type=lambda text, k=f.type: _parse_value(k, text), help=help_text(f.metadata["help"]))
+
+
 def add_predict_flags(parser) -> None:
     """What to predict and how to show it, then the model's flags and the few eval settings that apply."""
     what = parser.add_argument_group("what to predict")
@@ -364,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="pigg rl --data-root DIR [--users 11-83] [--rl.start GLOBAL_OR_FOLD] [--config FILE.yaml] "
                              "[options]")
     add_config_flags(p, ("model", "lora", "data", "train", "rl"))
+    add_liger_flag(p)
     add_launch_flags(p)
     p.set_defaults(func=cmd_rl)
 
@@ -373,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "[options]\n       pigg eval --benchmark screenspot-v2|screenspot-pro|screenspot "
                              "--benchmark-root DIR [--prompt pigg|qwen] [model flags] [--out DIR]")
     add_config_flags(p, ("model", "data", "eval"))
+    add_liger_flag(p)
     add_launch_flags(p)
     p.set_defaults(func=cmd_eval)
 
@@ -388,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="pigg predict (--image PATH --command TEXT | --input FILE.jsonl) [--adapter DIR | "
                              "--checkpoint DIR] [--json] [--draw OUT.png] [options]")
     add_predict_flags(p)
+    add_liger_flag(p)
     p.set_defaults(func=cmd_predict)
 
     p = command(sub, "report", "one self-contained HTML page comparing evaluation runs")

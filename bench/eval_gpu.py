@@ -245,8 +245,8 @@ def main(argv=None):
 
     runs = [("seed", "seed_bs1", 1, args.seed_samples, False, None),
             ("current", f"current_bs{bs}", bs, n, False, None)]
-    runs += [("pigg", f"pigg_bs{size}", size, size * args.batches, True, None) for size in args.batch_sizes]
-    runs += [("noliger", f"pigg_noliger_bs{size}", size, size * args.batches, True, False) for size in args.batch_sizes]
+    runs += [(part, f"{name}_bs{size}", size, size * args.batches, True, liger) for part, name, liger in
+             (("pigg", "pigg", None), ("noliger", "pigg_noliger", False)) for size in args.batch_sizes]
     for part, name, size, count, fast, liger in runs:
         if part in parts:
             results[name] = run_variant(model, processor, samples, sizes, root / name, size, count, fast, stamps, trace,

@@ -28,8 +28,9 @@ ROWS = {  # variant: its row's name, in the README's order
 
 def read(paths: list[Path]) -> tuple[list[dict], dict, list[dict]]:
     """Training results (bench/train_throughput.py's lists; a variant's last result counts, a failure
-    too), evaluation results by row label (bench/eval_gpu.py's "seed_bsN", "current_bsN", "pigg_noliger_bsN"
-    and "pigg_bsN" entries, in that order and by batch size) and GRPO runs (bench/rl_gpu.py's, with its settings)."""
+    too), evaluation results by row label (bench/eval_gpu.py's "seed_bsN", "current_bsN",
+    "pigg_noliger_bsN" and "pigg_bsN" entries, in that order and by batch size) and GRPO runs
+    (bench/rl_gpu.py's, with its settings)."""
     training, evaluation, rl = {}, {}, []
     for path in paths:
         data = json.loads(Path(path).read_text())

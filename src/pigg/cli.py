@@ -109,9 +109,16 @@ def add_config_flags(parser, sections=("model", "lora", "data", "train")) -> Non
     for section in sections:
         group = parser.add_argument_group(SECTION_TITLES[section])
         for f in dataclasses.fields(C.SECTIONS[section]):
-            shown = argparse.SUPPRESS if f.metadata.get("hidden") else help_text(f.metadata.get("help"))
-            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=None, metavar="V",
-                               type=lambda text, k=f.type: _parse_value(k, text), help=shown)
+            add_field(group, section, f.name)
+
+
+def add_field(group, section: str, name: str, *short: str) -> None:
+    """`--section.name` (and any `short` flags) for one field of a config section, typed and documented as
+    the field is; hidden fields take their flag without showing it."""
+    f = next(f for f in dataclasses.fields(C.SECTIONS[section]) if f.name == name)
+    shown = argparse.SUPPRESS if f.metadata.get("hidden") else help_text(f.metadata.get("help"))
+    group.add_argument(*short, f"--{section}.{name}", dest=f"{section}.{name}", default=None, metavar="V",
+                       type=lambda text, k=f.type: _parse_value(k, text), help=shown)
 
 
 def config_from_args(args, defaults: dict | None = None) -> C.RunConfig:
@@ -267,10 +274,7 @@ def cmd_demo(args) -> None:
 def add_liger_flag(parser) -> None:
     """`--fast.liger_kernel`, the one speed switch of the `fast` section that generation (eval, predict,
     rl's sampling) uses: Liger's kernels in the prefill."""
-    f = next(f for f in dataclasses.fields(C.FastConfig) if f.name == "liger_kernel")
-    parser.add_argument_group("fast: the speed switch that applies here").add_argument(
-        "--fast.liger_kernel", dest="fast.liger_kernel", default=None, metavar="V",
-        type=lambda text, k=f.type: _parse_value(k, text), help=help_text(f.metadata["help"]))
+    add_field(parser.add_argument_group("fast: the speed switch that applies here"), "fast", "liger_kernel")
 
 
 def add_predict_flags(parser) -> None:
@@ -288,9 +292,7 @@ def add_predict_flags(parser) -> None:
     group = parser.add_argument_group("eval: the model to ask and how")
     for flag, name in (("--adapter", "adapter"), ("--checkpoint", "checkpoint"), ("--prompt", "prompt"),
                        ("--batch-size", "batch_size"), ("--max-new-tokens", "max_new_tokens")):
-        f = next(f for f in dataclasses.fields(C.EvalSettings) if f.name == name)
-        group.add_argument(flag, f"--eval.{name}", dest=f"eval.{name}", default=None, metavar="V",
-                           help=help_text(f.metadata["help"]), type=lambda text, k=f.type: _parse_value(k, text))
+        add_field(group, "eval", name, flag)
 
 
 DESCRIPTION = """\

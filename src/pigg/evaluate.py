@@ -70,8 +70,8 @@ def split(batches: list[list], pieces: int) -> tuple[list[list], list[int]]:
     puts the pieces back together before they are answered, so no batch is answered short."""
     if pieces < 2:
         return batches, [1] * len(batches)
-    cut = [[batch[k:k + -(-len(batch) // pieces)] for k in range(0, len(batch), -(-len(batch) // pieces))]
-           for batch in batches]
+    steps = [-(-len(batch) // pieces) for batch in batches]
+    cut = [[batch[k:k + step] for k in range(0, len(batch), step)] for batch, step in zip(batches, steps)]
     return [piece for parts in cut for piece in parts], [len(parts) for parts in cut]
 
 

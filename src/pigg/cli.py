@@ -112,11 +112,12 @@ def add_config_flags(parser, sections=("model", "lora", "data", "train")) -> Non
             add_field(group, section, f.name)
 
 
-def add_field(group, section: str, name: str, *short: str) -> None:
+def add_field(group, section: str, name: str, *short: str, help: str | None = None) -> None:
     """`--section.name` (and any `short` flags) for one field of a config section, typed and documented as
-    the field is; hidden fields take their flag without showing it."""
+    the field is (or by `help`, where the command uses the field for less); hidden fields take their flag
+    without showing it."""
     f = next(f for f in dataclasses.fields(C.SECTIONS[section]) if f.name == name)
-    shown = argparse.SUPPRESS if f.metadata.get("hidden") else help_text(f.metadata.get("help"))
+    shown = argparse.SUPPRESS if f.metadata.get("hidden") else help_text(help or f.metadata.get("help"))
     group.add_argument(*short, f"--{section}.{name}", dest=f"{section}.{name}", default=None, metavar="V",
                        type=lambda text, k=f.type: _parse_value(k, text), help=shown)
 
@@ -274,7 +275,9 @@ def cmd_demo(args) -> None:
 def add_liger_flag(parser) -> None:
     """`--fast.liger_kernel`, the one speed switch of the `fast` section that generation (eval, predict,
     rl's sampling) uses: Liger's kernels in the prefill."""
-    add_field(parser.add_argument_group("fast: the speed switch that applies here"), "fast", "liger_kernel")
+    add_field(parser.add_argument_group("fast: the speed switch that applies here"), "fast", "liger_kernel",
+              help="Liger's fused RMSNorm, RoPE and SwiGLU kernels in generation's prefill (None: on when "
+                   "liger-kernel is installed, on a GPU; pip install 'pigg[fast]').")
 
 
 def add_predict_flags(parser) -> None:
